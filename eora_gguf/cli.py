@@ -1,0 +1,185 @@
+"""The `eora-gguf` command line: verbs that mirror the llama.cpp workflow.
+
+Each verb is a function `(args) -> dict` returning its result; `main` prints it as text, or as JSON with --json.
+User errors (EoraError) print one line and exit 2; nothing partial is left behind (see errors.atomic_output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import EoraError
+
+log = logging.getLogger("eora_gguf")
+
+Verb = Callable[[argparse.Namespace], dict]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# verbs
+
+
+def cmd_setup_llama_cpp(args: argparse.Namespace) -> dict:
+    from . import llamacpp
+
+    if args.rebuild and not args.llama_cpp_dir_ok:
+        llama = llamacpp.build_pinned(progress=not args.json)
+    else:
+        llama = llamacpp.locate(progress=not args.json)
+    return {"bin_dir": str(llama.bin_dir), "source_dir": str(llama.source_dir), "origin": llama.origin,
+            "commit": llamacpp.COMMIT if llama.origin == "pinned" else None}
+
+
+def cmd_fetch_demo(args: argparse.Namespace) -> dict:
+    from . import assets
+
+    files = assets.fetch_demo(force=args.force)
+    return {"dir": str(assets.demo_dir()), "files": files}
+
+
+def cmd_convert(args: argparse.Namespace) -> dict:
+    from . import llamacpp
+
+    llama = llamacpp.locate(progress=not args.json)
+    out = llamacpp.convert(llama, args.hf_dir, args.output, outtype=args.outtype, verbose=args.verbose)
+    return {"output": str(out), "bytes": out.stat().st_size}
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    from . import llamacpp
+
+    llama = llamacpp.locate(progress=not args.json)
+    out = llamacpp.quantize(llama, args.input, args.output, args.type, imatrix=args.imatrix,
+                            threads=args.threads, verbose=args.verbose)
+    return {"output": str(out), "type": args.type.upper(), "bytes": out.stat().st_size}
+
+
+def cmd_perplexity(args: argparse.Namespace) -> dict:
+    from . import assets, llamacpp
+
+    llama = llamacpp.locate(progress=not args.json)
+    text = assets.text_file(args.text)
+    res = llamacpp.perplexity(llama, args.model, text, lora=args.lora or (), ctx=args.ctx, chunks=args.chunks,
+                              threads=args.threads, verbose=args.verbose)
+    return {"model": args.model, "lora": args.lora or [], "text": str(text), "ppl": res.ppl, "stderr": res.stderr,
+            "ctx": res.ctx, "tokens": res.tokens}
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from .pipeline import run_all
+
+    return run_all(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging and tool output")
+    common.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = argparse.ArgumentParser(prog="eora-gguf", parents=[common],
+                                description="EoRA low-rank compensation for llama.cpp GGUF quantization.")
+    p.add_argument("--version", action="version", version=f"eora-gguf {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, fn: Verb, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = verb("setup-llama-cpp", cmd_setup_llama_cpp,
+              "locate or build the pinned llama.cpp (commit 0c1e57098), or check LLAMA_CPP_DIR")
+    sp.add_argument("--rebuild", action="store_true", help="rebuild the pinned llama.cpp even if cached")
+
+    sp = verb("fetch-demo", cmd_fetch_demo, "fetch SmolLM2-135M-Instruct and the demo data sets into the cache")
+    sp.add_argument("--force", action="store_true", help="fetch and rebuild everything again")
+
+    sp = verb("convert", cmd_convert, "HF model folder -> GGUF with llama.cpp's convert_hf_to_gguf.py")
+    sp.add_argument("hf_dir", metavar="HF_DIR")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.gguf")
+    sp.add_argument("--outtype", default="f16", help="f16 (default), bf16, f32 or q8_0")
+
+    sp = verb("quantize", cmd_quantize, "GGUF -> quantized GGUF with llama-quantize")
+    sp.add_argument("input", metavar="IN.gguf")
+    sp.add_argument("output", metavar="OUT.gguf")
+    sp.add_argument("type", metavar="TYPE", help="Q2_K, Q3_K_M, Q4_K_M, Q4_0, IQ4_XS, Q8_0, ...")
+    sp.add_argument("--imatrix", metavar="FILE", help="importance matrix from llama-imatrix")
+    sp.add_argument("--threads", type=int)
+
+    sp = verb("perplexity", cmd_perplexity, "llama-perplexity of a GGUF model, optionally with LoRA adapters")
+    sp.add_argument("model", metavar="MODEL.gguf")
+    sp.add_argument("--lora", action="append", metavar="ADAPTER.gguf")
+    sp.add_argument("--text", default="eval", help="text file, or built-in 'eval' (default) / 'demo'")
+    sp.add_argument("--ctx", type=int, default=512)
+    sp.add_argument("--chunks", type=int, help="limit the number of ctx-sized chunks")
+    sp.add_argument("--threads", type=int)
+
+    sp = verb("run", cmd_run, "all in one: convert -> quantize -> llama-perplexity, with a summary table "
+                             "(no HF_DIR: the SmolLM2-135M demo)")
+    sp.add_argument("hf_dir", nargs="?", metavar="HF_DIR")
+    sp.add_argument("--quant", default="Q4_K_M,Q3_K_M,Q2_K", help="comma-separated quant types")
+    sp.add_argument("--workdir", default="eora-out", help="where GGUFs and the summary go (default ./eora-out)")
+    sp.add_argument("--text", default="eval", help="perplexity text (default: built-in 'eval', LAMBADA)")
+    sp.add_argument("--ctx", type=int, default=512)
+    sp.add_argument("--chunks", type=int, default=32)
+    sp.add_argument("--threads", type=int)
+    sp.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    return p
+
+
+def _print_human(result: dict) -> None:
+    table = result.pop("table", None)
+    for k, v in result.items():
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for k2, v2 in v.items():
+                print(f"  {k2}: {v2}")
+        else:
+            print(f"{k}: {v}")
+    if table:
+        print(table)
+
+
+def _on_sigterm(signum, frame):  # let `finally` blocks remove temporary outputs
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+                        stream=sys.stderr)
+    import os
+
+    args.llama_cpp_dir_ok = bool(os.environ.get("LLAMA_CPP_DIR"))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    t0 = time.perf_counter()
+    try:
+        result = args.fn(args)
+    except EoraError as e:
+        print(f"eora-gguf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("eora-gguf: interrupted", file=sys.stderr)
+        return 130
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if args.json:
+        result.pop("table", None)
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

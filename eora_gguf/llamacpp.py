@@ -1,0 +1,377 @@
+"""The pinned llama.cpp: locate or build it once per machine, and run its tools.
+
+eora-gguf drives the real llama.cpp tools, never imitations. The pin is the copy vendored in the PyPI sdist
+`llama-cpp-python==0.3.36` (llama.cpp commit 0c1e57098). It is fetched with pip, unpacked under the cache and
+built with CMake into `<cache>/llama.cpp-<commit>/build`; a stamp file marks a finished build so it is reused.
+`LLAMA_CPP_DIR` points at a user's own llama.cpp (a source tree with a build, or a folder of binaries) instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cache import cache_dir, locked, pip_download
+from .errors import EoraError, atomic_output
+
+log = logging.getLogger(__name__)
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+COMMIT = "0c1e57098"
+
+# What we build by default. llama-cli in this llama.cpp is the chat client built on the server code, so the
+# server targets are configured too; llama-completion is the classic one-shot generator.
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench", "llama-cli", "llama-completion")
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # it would download web assets at build time
+    "-DLLAMA_OPENSSL=OFF",
+    f"-DLLAMA_BUILD_COMMIT={COMMIT}",  # the sdist has no git history to read it from
+)
+
+# Quantization types llama-quantize accepts by name (llama.cpp's own table at the pinned commit).
+QUANT_TYPES = (
+    "Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S",
+    "IQ1_M", "TQ1_0", "TQ2_0", "Q2_K", "Q2_K_S", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q3_K", "IQ3_XS", "Q3_K_S",
+    "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K", "Q4_K_S", "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K",
+    "Q8_0", "F16", "BF16", "F32", "COPY",
+)
+# Types whose quality depends on an importance matrix; llama-quantize refuses some of them without one.
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
+CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """A usable llama.cpp: where its binaries are and where its source (converter, gguf-py) is."""
+
+    bin_dir: Path
+    source_dir: Path
+    origin: str = "pinned"  # "pinned" or "LLAMA_CPP_DIR"
+    env: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not path.is_file():
+            raise EoraError(f"{name} not found in {self.bin_dir}: rebuild with `eora-gguf setup-llama-cpp`"
+                            + (" or build it in your LLAMA_CPP_DIR" if self.origin != "pinned" else ""))
+        return path
+
+    @property
+    def converter(self) -> Path:
+        path = self.source_dir / "convert_hf_to_gguf.py"
+        if not path.is_file():
+            raise EoraError(f"convert_hf_to_gguf.py not found in {self.source_dir}")
+        return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# locate / fetch / build
+
+
+def pinned_root() -> Path:
+    return cache_dir() / f"llama.cpp-{COMMIT}"
+
+
+def locate(*, build: bool = True, tools: Sequence[str] = TOOLS, progress: bool = True) -> LlamaCpp:
+    """Return the llama.cpp to use: LLAMA_CPP_DIR if set, else the pinned build (built now if `build`)."""
+    user = os.environ.get("LLAMA_CPP_DIR")
+    if user:
+        return _from_user_dir(Path(user).expanduser(), tools)
+    root = pinned_root()
+    found = _finished_build(root, tools)
+    if found:
+        return found
+    if not build:
+        raise EoraError(f"the pinned llama.cpp is not built yet: run `eora-gguf setup-llama-cpp` (builds into {root})")
+    with locked(f"llama.cpp-{COMMIT}"):
+        return _finished_build(root, tools) or build_pinned(tools=tools, progress=progress)
+
+
+def _from_user_dir(path: Path, tools: Sequence[str]) -> LlamaCpp:
+    if not path.is_dir():
+        raise EoraError(f"LLAMA_CPP_DIR={path} is not a directory: point it at a llama.cpp checkout or its bin/ folder")
+    candidates = [path / "build" / "bin", path / "bin", path]
+    bin_dir = next((c for c in candidates if (c / "llama-quantize").is_file()), None)
+    if bin_dir is None:
+        raise EoraError(f"no llama-quantize under LLAMA_CPP_DIR={path} (looked in "
+                        f"{', '.join(str(c) for c in candidates)}): build llama.cpp there or unset LLAMA_CPP_DIR")
+    missing = [t for t in tools if not (bin_dir / t).is_file()]
+    if missing:
+        log.warning("LLAMA_CPP_DIR=%s lacks %s; commands that need them will fail", path, ", ".join(missing))
+    # The converter comes from the user's tree when it has one, else from the pinned source.
+    source = path if (path / "convert_hf_to_gguf.py").is_file() else fetch_source()
+    return LlamaCpp(bin_dir=bin_dir, source_dir=source, origin="LLAMA_CPP_DIR")
+
+
+def _finished_build(root: Path, tools: Sequence[str]) -> LlamaCpp | None:
+    stamp = root / "build" / "eora-gguf-build.json"
+    if not stamp.is_file():
+        return None
+    info = json.loads(stamp.read_text())
+    bin_dir = root / "build" / "bin"
+    if info.get("commit") != COMMIT or any(not (bin_dir / t).is_file() for t in tools):
+        return None
+    return LlamaCpp(bin_dir=bin_dir, source_dir=root / "src")
+
+
+def fetch_source() -> Path:
+    """Unpack the pinned llama.cpp source from the llama-cpp-python sdist into the cache (once)."""
+    src = pinned_root() / "src"
+    if (src / "convert_hf_to_gguf.py").is_file():
+        return src
+    with locked(f"llama.cpp-{COMMIT}-src"):
+        if (src / "convert_hf_to_gguf.py").is_file():
+            return src
+        sdist = pip_download(SDIST_NAME, SDIST_VERSION, SDIST_FILE, SDIST_SHA256, source=True)
+        src.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".src.", dir=src.parent))
+        try:
+            prefix = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+            with tarfile.open(sdist) as tar:
+                members = []
+                for m in tar.getmembers():
+                    # the sdist's `.git` is a submodule pointer to a repository that is not there
+                    if m.name.startswith(prefix) and len(m.name) > len(prefix) and m.name != prefix + ".git":
+                        m.name = m.name[len(prefix):]
+                        members.append(m)
+                if not members:
+                    raise EoraError(f"{sdist} holds no vendor/llama.cpp: delete it and run again")
+                tar.extractall(tmp, members=members, filter="tar")
+            if src.exists():
+                shutil.rmtree(src)
+            os.replace(tmp, src)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return src
+
+
+def _check_toolchain() -> tuple[str, str | None]:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise EoraError("cmake not found: install it (`apt-get install cmake` or `pip install cmake`), "
+                        "or set LLAMA_CPP_DIR to an existing llama.cpp build")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cc or not cxx:
+        raise EoraError("no C/C++ compiler found: install one (`apt-get install build-essential`), "
+                        "or set LLAMA_CPP_DIR to an existing llama.cpp build")
+    return cmake, shutil.which("ninja")
+
+
+def build_pinned(*, tools: Sequence[str] = TOOLS, progress: bool = True, extra_flags: Sequence[str] = ()) -> LlamaCpp:
+    """Configure and build the pinned llama.cpp's tools; the log goes to `<build>/eora-gguf-build.log`."""
+    cmake, ninja = _check_toolchain()
+    src = fetch_source()
+    build = pinned_root() / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    stamp = build / "eora-gguf-build.json"
+    stamp.unlink(missing_ok=True)
+    log_path = build / "eora-gguf-build.log"
+    gen = ["-G", "Ninja"] if ninja and not (build / "Makefile").exists() else []
+    jobs = str(os.cpu_count() or 2)
+    configure = [cmake, "-S", str(src), "-B", str(build), *gen, *CMAKE_FLAGS, *extra_flags]
+    compile_ = [cmake, "--build", str(build), "-j", jobs, "--target", *tools]
+    with open(log_path, "w") as logf:
+        log.info("building llama.cpp %s into %s (log: %s)", COMMIT, build, log_path)
+        _run_logged(configure, logf, "configure llama.cpp", log_path, progress=False)
+        _run_logged(compile_, logf, "build llama.cpp", log_path, progress=progress)
+    stamp.write_text(json.dumps({"commit": COMMIT, "tools": list(tools), "flags": list(CMAKE_FLAGS) + list(extra_flags)}))
+    found = _finished_build(pinned_root(), tools)
+    if found is None:
+        raise EoraError(f"llama.cpp built but tools are missing in {build / 'bin'}: see {log_path}")
+    return found
+
+
+_STEP = re.compile(r"^\[\s*(\d+)/(\d+)\]|^\[\s*(\d+)%\]")
+
+
+def _run_logged(cmd: Sequence[str], logf, what: str, log_path: Path, *, progress: bool) -> None:
+    """Run `cmd`, append its output to `logf`, and turn ninja's [n/N] or make's [p%] into a progress bar."""
+    logf.write("$ " + " ".join(cmd) + "\n")
+    logf.flush()
+    bar = tqdm(total=100, desc=what, unit="%", disable=not progress or None, leave=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                m = _STEP.match(line)
+                if m:
+                    pct = 100 * int(m[1]) / int(m[2]) if m[1] else int(m[3])
+                    bar.update(pct - bar.n)
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            bar.close()
+    if rc != 0:
+        raise EoraError(f"{what} failed (exit {rc}): see the log {log_path}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# running the tools
+
+
+def run_tool(cmd: Sequence[str | os.PathLike[str]], what: str, *, env: dict[str, str] | None = None,
+             verbose: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a llama.cpp program; on failure raise EoraError with its last meaningful line of output."""
+    argv = [str(c) for c in cmd]
+    log.debug("$ %s", " ".join(argv))
+    full_env = {**os.environ, **(env or {})}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          errors="replace") as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:  # Ctrl-C / SIGTERM: stop the child too, the caller cleans its outputs
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if verbose:
+        sys.stderr.write(err)
+    if proc.returncode != 0:
+        raise EoraError(f"{what} failed (exit {proc.returncode}): {_last_error_line(err or out)}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _last_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.search(r"error|failed|invalid|unknown|cannot|not ", ln, re.IGNORECASE):
+            return ln[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def convert(llama: LlamaCpp, hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            outtype: str = "f16", verbose: bool = False) -> Path:
+    """HF folder -> GGUF with llama.cpp's own convert_hf_to_gguf.py (and its own gguf-py)."""
+    hf = Path(hf_dir)
+    if not hf.is_dir():
+        raise EoraError(f"HF model directory {hf} does not exist")
+    if not (hf / "config.json").is_file():
+        raise EoraError(f"{hf} has no config.json: it is not a Hugging Face model folder")
+    if outtype not in CONVERT_OUTTYPES:
+        raise EoraError(f"unknown --outtype {outtype!r}: choose one of {', '.join(CONVERT_OUTTYPES)}")
+    out = Path(out)
+    with atomic_output(out, suffix=".gguf") as tmp:
+        run_tool([sys.executable, llama.converter, hf, "--outfile", tmp, "--outtype", outtype],
+                 f"convert_hf_to_gguf.py on {hf}", verbose=verbose)
+    return out
+
+
+def quantize(llama: LlamaCpp, src: str | os.PathLike[str], out: str | os.PathLike[str], qtype: str, *,
+             imatrix: str | os.PathLike[str] | None = None, threads: int | None = None,
+             extra_args: Sequence[str] = (), verbose: bool = False) -> Path:
+    """GGUF -> quantized GGUF with llama-quantize (any type or mix it knows)."""
+    qtype_u = qtype.upper()
+    if qtype_u not in QUANT_TYPES:
+        raise EoraError(f"unknown quantization type {qtype!r}: choose one of {', '.join(QUANT_TYPES)}")
+    src = Path(src)
+    require_gguf(src)
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise EoraError(f"imatrix file {imatrix} does not exist")
+    if qtype_u in NEEDS_IMATRIX and imatrix is None:
+        raise EoraError(f"{qtype_u} needs an importance matrix: pass --imatrix FILE (make one with llama-imatrix)")
+    out = Path(out)
+    args: list[str | os.PathLike[str]] = [llama.tool("llama-quantize"), *extra_args]
+    if imatrix is not None:
+        args += ["--imatrix", imatrix]
+    with atomic_output(out, suffix=".gguf") as tmp:
+        args += [src, tmp, qtype_u]
+        if threads:
+            args.append(str(threads))
+        run_tool(args, f"llama-quantize {src.name} -> {qtype_u}", verbose=verbose)
+    return out
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def require_gguf(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise EoraError(f"GGUF file {path} does not exist")
+    with open(path, "rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise EoraError(f"{path} is not a GGUF file (no GGUF magic): pass a .gguf made by llama.cpp")
+    return path
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    stderr: float
+    chunks: list[float]
+    ctx: int
+    tokens: int
+
+
+_FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+_CHUNK = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf)")
+_N_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
+
+
+def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
+               lora: Sequence[str | os.PathLike[str]] = (), ctx: int = 512, chunks: int | None = None,
+               threads: int | None = None, batch: int | None = None, extra_args: Sequence[str] = (),
+               verbose: bool = False) -> Perplexity:
+    """llama-perplexity over a text file; returns the final estimate and the running per-chunk values."""
+    require_gguf(model)
+    if not Path(text_file).is_file():
+        raise EoraError(f"perplexity text {text_file} does not exist")
+    args: list[str | os.PathLike[str]] = [llama.tool("llama-perplexity"), "-m", model, "-f", text_file,
+                                          "-c", str(ctx), "--no-warmup"]
+    for adapter in lora:
+        require_gguf(adapter)
+        args += ["--lora", adapter]
+    if chunks:
+        args += ["--chunks", str(chunks)]
+    if threads:
+        args += ["-t", str(threads)]
+    if batch:
+        args += ["-b", str(batch)]
+    args += list(extra_args)
+    # The pinned llama.cpp logs through an async queue that it does not drain at exit (see the comment in
+    # common/log.cpp's common_log_main), so the last lines are sometimes lost. The running value "[k]ppl" after
+    # the last chunk equals the final estimate, so use it when the final line is missing; else run again.
+    for attempt in range(3):
+        res = run_tool(args, f"llama-perplexity on {Path(model).name}", verbose=verbose)
+        text = res.stdout + res.stderr
+        values = [float(v) for _, v in _CHUNK.findall(res.stdout)]
+        total = _N_CHUNKS.search(text)
+        n_chunks = int(total[1]) if total else len(values)
+        m = _FINAL.search(text)
+        if m:
+            return Perplexity(ppl=float(m[1]), stderr=float(m[2]), chunks=values, ctx=ctx, tokens=n_chunks * ctx)
+        if total and len(values) == n_chunks:
+            log.warning("llama-perplexity lost its last log lines; using the running value after chunk %d", n_chunks)
+            return Perplexity(ppl=values[-1], stderr=float("nan"), chunks=values, ctx=ctx, tokens=n_chunks * ctx)
+        log.warning("llama-perplexity lost its final log lines (attempt %d); running it again", attempt + 1)
+    raise EoraError(f"llama-perplexity printed no final estimate: {_last_error_line(text)}")

@@ -1,0 +1,174 @@
+/* The optimized CPU path: instruction-set dispatch, the threaded fused product and dequantization. */
+#include <stdlib.h>
+
+#include "internal.h"
+#include "checks.h"
+#include "pool.h"
+
+static int cpu_level(void) {  /* 2 = AVX-512 (F, BW, VL, VNNI), 1 = AVX2 + FMA + F16C, 0 = scalar */
+#if defined(__x86_64__) && defined(EORA_HAVE_X86_KERNELS)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+#endif
+    return 0;
+}
+
+static const eora_kernels *select_kernels(unsigned flags) {
+    int level = cpu_level();
+    if (flags & EORA_FLAG_ISA_SCALAR) level = 0;
+    if ((flags & EORA_FLAG_ISA_AVX2) && level > 1) level = 1;
+#if defined(EORA_HAVE_X86_KERNELS)
+    if (level == 2) return &eora_kernels_avx512;
+    if (level == 1) return &eora_kernels_avx2;
+#endif
+    return &eora_kernels_scalar;
+}
+
+EORA_API const char *eora_cpu_path(void) { return select_kernels(0)->name; }
+
+static int resolve_threads(int n_threads) { return n_threads > 0 ? n_threads : eora_cpu_count(); }
+
+static int is_float_type(int type) {
+    return type == EORA_TYPE_F32 || type == EORA_TYPE_F16 || type == EORA_TYPE_BF16;
+}
+
+static size_t row_bytes(int type, int64_t n) {
+    const eora_type_traits *t = eora_traits(type);
+    return (size_t)(n / t->block_elems * t->block_bytes);
+}
+
+/* ---- dequantize ---- */
+
+typedef struct {
+    const eora_kernels *k;
+    int type;
+    const uint8_t *src;
+    float *dst;
+    int64_t piece;  /* elements per item, a multiple of the block */
+    int64_t n_elems;
+} deq_job;
+
+static void deq_range(void *ctx, int64_t begin, int64_t end, int tid) {
+    (void)tid;
+    deq_job *j = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        int64_t e0 = i * j->piece;
+        int64_t n = j->n_elems - e0 < j->piece ? j->n_elems - e0 : j->piece;
+        j->k->dequant(j->type, j->src + row_bytes(j->type, e0), n, j->dst + e0);
+    }
+}
+
+EORA_API eora_status eora_dequantize(int type, const void *src, size_t src_bytes, int64_t n_elems, float *dst,
+                                     size_t dst_bytes) {
+    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "dequantize: src and dst must not be NULL");
+    eora_status s = eora_check_blocks(type, n_elems, src_bytes, "dequantize: src", NULL);
+    if (s != EORA_OK) return s;
+    if ((uint64_t)n_elems > (uint64_t)dst_bytes / 4)
+        return eora_fail(EORA_ERR_BUFFER, "dequantize: dst has %zu bytes, %lld needed", dst_bytes, (long long)n_elems * 4);
+    deq_job j = {select_kernels(0), type, src, dst, 1 << 16, n_elems};
+    eora_pool_run(resolve_threads(0), (n_elems + j.piece - 1) / j.piece, 1, deq_range, &j);
+    return EORA_OK;
+}
+
+/* ---- fused product ---- */
+
+typedef struct {
+    const eora_fused_args *f;
+    const eora_kernels *k;
+    int quant_act;
+    eora_qx *qx;          /* (n_tokens) quantized tokens */
+    float *t;             /* (n_tokens, rank): A x */
+    uint8_t *scratch;     /* per thread */
+    size_t scratch_bytes;
+} fused_job;
+
+/* Per-thread scratch: a W row (codes + ds + dm, or fp32) and an A/B row in fp32. */
+static size_t scratch_size(int64_t d_in, int64_t rank) {
+    size_t w = (size_t)d_in * 4 + 64;                       /* fp32 row >= codes + ds + dm */
+    size_t ab = (size_t)(d_in > rank ? d_in : rank) * 4 + 64;
+    return (w + ab + 63) / 64 * 64;
+}
+
+/* items [0, n_tokens): quantize token; items [n_tokens, n_tokens + rank): row k of A against every token */
+static void phase1(void *ctx, int64_t begin, int64_t end, int tid) {
+    fused_job *j = ctx;
+    const eora_fused_args *f = j->f;
+    float *arow = (float *)(j->scratch + (size_t)tid * j->scratch_bytes + (size_t)f->d_in * 4 + 64);
+    for (int64_t it = begin; it < end; it++) {
+        if (it < f->n_tokens) {
+            if (j->quant_act) j->k->quantize_x(f->x + it * f->d_in, f->d_in, &j->qx[it]);
+            continue;
+        }
+        int64_t kr = it - f->n_tokens;
+        j->k->adapter_row(f->a_type, (const uint8_t *)f->a + kr * row_bytes(f->a_type, f->d_in), f->d_in, arow);
+        for (int64_t t = 0; t < f->n_tokens; t++)
+            j->t[t * f->rank + kr] = j->k->dot_f32(arow, f->x + t * f->d_in, f->d_in);
+    }
+}
+
+static void phase2(void *ctx, int64_t begin, int64_t end, int tid) {
+    fused_job *j = ctx;
+    const eora_fused_args *f = j->f;
+    const int64_t d_in = f->d_in, rank = f->rank;
+    uint8_t *base = j->scratch + (size_t)tid * j->scratch_bytes;
+    float *wrow = (float *)base;
+    uint8_t *codes = base;
+    float *ds = (float *)(base + d_in), *dm = ds + d_in / 16;
+    float *brow = (float *)(base + (size_t)d_in * 4 + 64);
+    const size_t wb = row_bytes(f->w_type, d_in), bb = rank ? row_bytes(f->b_type, rank) : 0;
+    for (int64_t o = begin; o < end; o++) {
+        const uint8_t *wr = (const uint8_t *)f->w + o * wb;
+        if (j->quant_act) j->k->unpack(f->w_type, wr, d_in, codes, ds, dm);
+        else j->k->dequant(f->w_type, wr, d_in, wrow);
+        if (rank) j->k->adapter_row(f->b_type, (const uint8_t *)f->b + o * bb, rank, brow);
+        for (int64_t t = 0; t < f->n_tokens; t++) {
+            float v = j->quant_act ? j->k->dot_q(codes, ds, dm, &j->qx[t])
+                                   : j->k->dot_f32(wrow, f->x + t * d_in, d_in);
+            if (rank) v += j->k->dot_f32(brow, j->t + t * rank, rank);
+            f->y[t * f->d_out + o] = v;
+        }
+    }
+}
+
+EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
+                                       const float *x, size_t x_bytes, int64_t n_tokens, int a_type, const void *a,
+                                       size_t a_bytes, int b_type, const void *b, size_t b_bytes, int64_t rank,
+                                       float *y, size_t y_bytes, int n_threads, unsigned flags) {
+    eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
+                         a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
+    eora_status s = eora_check_fused(&f);
+    if (s != EORA_OK) return s;
+    if (n_threads < 0) return eora_fail(EORA_ERR_ARGUMENT, "fused_matmul: thread count %d is negative", n_threads);
+    if (flags & ~(unsigned)(EORA_FLAG_F32_ACT | EORA_FLAG_ISA_SCALAR | EORA_FLAG_ISA_AVX2))
+        return eora_fail(EORA_ERR_ARGUMENT, "fused_matmul: unknown flag bits 0x%x", flags);
+    int threads = resolve_threads(n_threads);
+    fused_job j = {&f, select_kernels(flags), !(flags & EORA_FLAG_F32_ACT) && !is_float_type(w_type), NULL, NULL,
+                   NULL, scratch_size(d_in, rank)};
+    size_t qx_bytes = j.quant_act ? (size_t)n_tokens * ((size_t)d_in + (size_t)d_in / 16 * 8) : 0;
+    size_t total = (size_t)threads * j.scratch_bytes + qx_bytes + (size_t)n_tokens * (size_t)rank * 4 +
+                   (size_t)n_tokens * sizeof(eora_qx) + 64;
+    uint8_t *mem = aligned_alloc(64, (total + 63) / 64 * 64);
+    if (!mem) return eora_fail(EORA_ERR_MEMORY, "fused_matmul: cannot allocate %zu bytes of scratch", total);
+    uint8_t *p = mem;
+    j.scratch = p; p += (size_t)threads * j.scratch_bytes;
+    j.qx = (eora_qx *)p; p += (size_t)n_tokens * sizeof(eora_qx);
+    j.t = (float *)p; p += (size_t)n_tokens * (size_t)rank * 4;
+    for (int64_t t = 0; t < n_tokens && j.quant_act; t++) {
+        j.qx[t].d_in = d_in;
+        j.qx[t].d16 = (float *)p; p += (size_t)d_in / 16 * 4;
+        j.qx[t].s16 = (float *)p; p += (size_t)d_in / 16 * 4;
+        j.qx[t].q = (int8_t *)p; p += (size_t)d_in;
+    }
+    /* The pool finishes every job even if some workers fail to start (fewer threads do it), so its
+     * return value needs no handling here. */
+    if (j.quant_act || rank) eora_pool_run(threads, n_tokens + rank, 1, phase1, &j);
+    int64_t chunk = d_out / ((int64_t)threads * 8);
+    if (chunk < 1) chunk = 1;
+    if (chunk > 64) chunk = 64;
+    eora_pool_run(threads, d_out, chunk, phase2, &j);
+    free(mem);
+    return EORA_OK;
+}

@@ -1,0 +1,91 @@
+/* Shared internals: error reporting, half-precision conversion, type table, kernel table. */
+#ifndef EORA_INTERNAL_H
+#define EORA_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "eora_native.h"
+#include "blocks.h"
+
+/* Records a printf-style message for eora_last_error() and returns `status`. */
+eora_status eora_fail(eora_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static inline float eora_f16_to_f32(uint16_t h) {
+    /* Exact for every input (normals, subnormals, inf, nan). */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float eora_bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+typedef struct {
+    int64_t block_elems;
+    int64_t block_bytes;
+} eora_type_traits;
+
+/* NULL for unknown types. */
+const eora_type_traits *eora_traits(int type);
+
+/* Checks that n_elems is a positive whole number of blocks and src holds them; sets *bytes_out. */
+eora_status eora_check_blocks(int type, int64_t n_elems, size_t have_bytes, const char *what, int64_t *bytes_out);
+
+/* Scalar reference dequantization of whole blocks (n_elems a multiple of the block size). */
+void eora_dequant_row_ref(int type, const void *src, float *dst, int64_t n_elems);
+
+/* --- Optimized kernels, one table per instruction set (cpu_kern.c compiled several times). ---
+ *
+ * A weight row is first "unpacked" into a uniform form that covers every supported type:
+ *   codes[i] (uint8), and per group g of 16 elements ds[g], dm[g] (float) with
+ *   w[i] = ds[g] * codes[i] - dm[g]             (g = i / 16)
+ * which the integer dot product against 8-bit activations then consumes. */
+typedef struct {
+    int64_t d_in;
+    int8_t *q;       /* (d_in) int8 codes of x, blocks of 32 */
+    float *d16;      /* (d_in / 16) scale of the 32-block holding each 16-group */
+    float *s16;      /* (d_in / 16) scale * sum of the 16 codes of the group */
+} eora_qx;
+
+typedef struct {
+    const char *name;
+    /* w row -> codes (d_in bytes), ds, dm (d_in/16 floats each). */
+    void (*unpack)(int type, const void *row, int64_t d_in, uint8_t *codes, float *ds, float *dm);
+    /* dequantize a row to fp32 (bit-exact with the reference) */
+    void (*dequant)(int type, const void *row, int64_t d_in, float *out);
+    /* adapter row -> fp32 (F16 through the hardware converter: equal to dequant except NaN payloads) */
+    void (*adapter_row)(int type, const void *row, int64_t n, float *out);
+    /* sum_i w[i] * x[i] for an unpacked row and a quantized token */
+    float (*dot_q)(const uint8_t *codes, const float *ds, const float *dm, const eora_qx *x);
+    /* sum_i a[i] * b[i] in fp32 */
+    float (*dot_f32)(const float *a, const float *b, int64_t n);
+    /* quantize one token */
+    void (*quantize_x)(const float *x, int64_t d_in, eora_qx *out);
+} eora_kernels;
+
+extern const eora_kernels eora_kernels_scalar;
+extern const eora_kernels eora_kernels_avx2;
+extern const eora_kernels eora_kernels_avx512;
+
+#endif

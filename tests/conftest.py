@@ -1,0 +1,49 @@
+"""Shared fixtures: the pinned llama.cpp (built once per machine, cached) and tiny random HF models."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py is a helper module, not a package
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """The llama.cpp to test against: LLAMA_CPP_DIR if set, else the pinned build (built now if missing)."""
+    from eora_gguf import llamacpp
+
+    return llamacpp.locate(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """tiny_hf(arch) -> folder of a tiny random HF model of that arch (built once per session)."""
+    from tiny_models import build_tiny_model
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf, llama, tmp_path_factory):
+    """tiny_gguf(arch, outtype="f16") -> the tiny model converted by the pinned convert_hf_to_gguf.py."""
+    from eora_gguf import llamacpp
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, outtype: str = "f16") -> Path:
+        key = (arch, outtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"gguf-{arch}") / f"{arch}-{outtype}.gguf"
+            made[key] = llamacpp.convert(llama, tiny_hf(arch), out, outtype=outtype)
+        return made[key]
+
+    return get
