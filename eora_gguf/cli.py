@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# OpenMP threads that spin while waiting stall torch's LAPACK calls badly when the cores are shared
+# (eigh 576x576: 9 s instead of 0.1 s measured here); set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .errors import EoraError
@@ -72,6 +77,29 @@ def cmd_perplexity(args: argparse.Namespace) -> dict:
             "ctx": res.ctx, "tokens": res.tokens}
 
 
+def cmd_calibrate(args: argparse.Namespace) -> dict:
+    from . import compensate
+    from .errors import check_writable
+
+    check_writable(args.output)
+    stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
+    stats.save(args.output)
+    return {"output": args.output, "tokens": stats.meta.get("tokens"), "sites": len(stats.covariances)}
+
+
+def cmd_compensate(args: argparse.Namespace) -> dict:
+    from . import compensate
+
+    report = compensate.compensate(
+        args.hf, args.gguf, args.output, rank=args.rank, method=args.method,
+        calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
+        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft)
+    out = report.as_dict()
+    if args.verbose:
+        out["per_tensor"] = report.tensors
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from .pipeline import run_all
 
@@ -124,10 +152,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunks", type=int, help="limit the number of ctx-sized chunks")
     sp.add_argument("--threads", type=int)
 
-    sp = verb("run", cmd_run, "all in one: convert -> quantize -> llama-perplexity, with a summary table "
-                             "(no HF_DIR: the SmolLM2-135M demo)")
+    def calib_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--calib", default="demo",
+                        help="calibration data: a .txt or .jsonl file, a built-in name (demo, arc_easy, "
+                             "arc_challenge, gsm8k) or a weighted mix like 'arc_easy:1,demo:1' (default: demo)")
+        sp.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
+        sp.add_argument("--seqlen", type=int, default=512, help="tokens per sample (default 512)")
+
+    sp = verb("calibrate", cmd_calibrate, "collect reusable calibration statistics (input covariances, float64)")
+    sp.add_argument("--hf", required=True, metavar="HF_DIR")
+    calib_options(sp)
+    sp.add_argument("-o", "--output", required=True, metavar="STATS.safetensors")
+
+    sp = verb("compensate", cmd_compensate, "solve EoRA against a quantized GGUF and write a GGUF LoRA adapter")
+    sp.add_argument("--hf", required=True, metavar="HF_DIR", help="the original HF model")
+    sp.add_argument("--gguf", required=True, metavar="BASE.gguf", help="its quantized GGUF")
+    calib_options(sp)
+    sp.add_argument("--stats", metavar="STATS.safetensors", help="reuse statistics from `calibrate`")
+    sp.add_argument("--rank", type=int, required=True)
+    sp.add_argument("--method", default="eora", help="eora (default), svd or diag")
+    sp.add_argument("--propagate", default="original", help="original (default) or compensated (sequential)")
+    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
+    sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (HF row order)")
+    sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
+
+    sp = verb("run", cmd_run, "all in one: convert -> quantize -> calibrate -> compensate -> llama-perplexity "
+                             "with and without the adapter, with a summary table (no HF_DIR: the SmolLM2 demo)")
     sp.add_argument("hf_dir", nargs="?", metavar="HF_DIR")
     sp.add_argument("--quant", default="Q4_K_M,Q3_K_M,Q2_K", help="comma-separated quant types")
+    sp.add_argument("--rank", default="64", help="comma-separated ranks; 0 = no adapter (default 64)")
+    sp.add_argument("--method", default="eora", help="comma-separated methods: eora, svd, diag (default eora)")
+    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
+    calib_options(sp)
     sp.add_argument("--workdir", default="eora-out", help="where GGUFs and the summary go (default ./eora-out)")
     sp.add_argument("--text", default="eval", help="perplexity text (default: built-in 'eval', LAMBADA)")
     sp.add_argument("--ctx", type=int, default=512)
@@ -159,8 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
-    import os
-
     args.llama_cpp_dir_ok = bool(os.environ.get("LLAMA_CPP_DIR"))
     signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()

@@ -16,6 +16,17 @@ class EoraError(Exception):
     """An error the user can act on; its message is one line."""
 
 
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Refuse early (before long work) an output path whose directory is missing or not writable."""
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise EoraError(f"output directory {parent} does not exist: create it or choose another -o path")
+    if not os.access(parent, os.W_OK) or dest.is_dir():
+        raise EoraError(f"cannot write {dest}: choose another -o path")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -23,11 +34,7 @@ def atomic_output(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator
     The temporary lives in the destination directory so the final rename is atomic on one file system.
     """
     dest = Path(path)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise EoraError(f"output directory {parent} does not exist: create it or choose another -o path")
-    if not os.access(parent, os.W_OK):
-        raise EoraError(f"output directory {parent} is not writable: choose another -o path")
+    parent = check_writable(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".partial", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -1,8 +1,11 @@
 """Shared fixtures: the pinned llama.cpp (built once per machine, cached) and tiny random HF models."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eora_gguf/cli.py
 
 import pytest
 

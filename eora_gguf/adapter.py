@@ -1,0 +1,283 @@
+"""Write the compensation as adapters: a GGUF LoRA for stock llama.cpp (`--lora`) and a PEFT folder.
+
+Factors come keyed by the base GGUF tensor name (`blk.3.attn_q.weight`) as (B (n_out, r), A (r, n_in)) with
+rows in GGUF order, so that Wq + B A ≈ W for the GGUF's own weight.
+
+GGUF LoRA (what src/llama-adapter.cpp accepts at the pinned commit): general.type = "adapter",
+general.architecture = the base's, adapter.type = "lora", adapter.lora.alpha (float32), and per weight the
+tensors `<name>.lora_a` (numpy (r, n_in), ggml ne [n_in, r]) and `<name>.lora_b` (numpy (n_out, r)). The runtime
+scale is user_scale·alpha/r (r read from lora_b), or user_scale when alpha is 0; EoRA needs 1, so alpha = r
+when every tensor has rank r and 0 otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .errors import EoraError, atomic_output
+from .gguf_io import GGUFModel, open_gguf
+from .naming import NameMap
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+ADAPTER_DTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
+# Types the loader takes and our reader dequantizes (convert_lora_to_gguf.py writes these).
+READABLE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0})
+F16_MAX = float(np.finfo(np.float16).max)
+
+Factors = Mapping[str, tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """What llama.cpp will see in an adapter: per base tensor, its rank, storage types and runtime scale."""
+
+    arch: str
+    alpha: float
+    ranks: dict[str, int] = field(default_factory=dict)
+    types: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (lora_a type, lora_b type)
+
+    def scale(self, name: str, user_scale: float = 1.0) -> float:
+        """llama.cpp's scale for this tensor: user_scale·alpha/r, or user_scale when alpha is 0."""
+        return user_scale * self.alpha / self.ranks[name] if self.alpha else user_scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GGUF LoRA
+
+
+def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str, dtype: str = "f16",
+                    metadata: Mapping[str, str | int | float] | None = None) -> Path:
+    """Write factors as a GGUF LoRA adapter that llama.cpp applies with scale 1; atomic.
+
+    factors: {base tensor name: (B (n_out, r), A (r, n_in))} in GGUF row order (numpy or torch).
+    dtype: f32 | f16 | q8_0. Q8_0 needs a row length (n_in for A, r for B) divisible by 32; other tensors
+    fall back to F16 (logged). F16 falls back to F32 for a tensor whose values overflow it.
+    metadata: extra string/int/float key-values (e.g. eora.method), written as given.
+    """
+    if dtype not in ADAPTER_DTYPES:
+        raise EoraError(f"unknown adapter type {dtype!r}: choose one of {', '.join(ADAPTER_DTYPES)}")
+    if not factors:
+        raise EoraError("no adapter tensors to write: the rank or the module selection left nothing")
+    pairs = {name: _check_pair(name, b, a) for name, (b, a) in factors.items()}
+    ranks = {name: a.shape[0] for name, (_, a) in pairs.items()}
+    alpha = float(next(iter(ranks.values()))) if len(set(ranks.values())) == 1 else 0.0
+    path = Path(path)
+    with atomic_output(path, suffix=".gguf") as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for key, value in (metadata or {}).items():
+            _add_metadata(writer, key, value)
+        for name, (b, a) in pairs.items():
+            _add_tensor(writer, f"{name}.lora_a", a, ADAPTER_DTYPES[dtype])
+            _add_tensor(writer, f"{name}.lora_b", b, ADAPTER_DTYPES[dtype])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    log.info("wrote %s: %d LoRA pairs, alpha %g, %s", path, len(pairs), alpha, dtype)
+    return path
+
+
+def check_gguf_lora(adapter: str | os.PathLike[str], base: GGUFModel | str | os.PathLike[str], *,
+                    require_unit_scale: bool = True) -> LoraInfo:
+    """Check an adapter against its base GGUF the way llama.cpp's loader does; EoraError on the first problem.
+
+    Metadata (general.type, architecture, adapter.type, alpha stored as float32), tensor suffixes
+    (`.lora_a`/`.lora_b`, `*_norm.weight` ignored), complete pairs, base tensor present, and shapes:
+    base ne[0] = A ne[0] (n_in), base ne[1] = B ne[1] (n_out), A ne[1] = B ne[0] (r). With require_unit_scale,
+    also that every pair gets runtime scale 1 (what EoRA needs).
+    """
+    owned = not isinstance(base, GGUFModel)
+    base_model = open_gguf(base) if owned else base
+    try:
+        return _check(Path(adapter), base_model, require_unit_scale)
+    finally:
+        if owned:
+            base_model.close()
+
+
+def read_gguf_lora(adapter: str | os.PathLike[str]) -> tuple[LoraInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Load an adapter's factors dequantized to float32: {base name: (B (n_out, r), A (r, n_in))}."""
+    model = GGUFModel(adapter)
+    try:
+        info, pairs = _pairs(model)
+        out = {name: (model.dequantize(tb), model.dequantize(ta)) for name, (ta, tb) in pairs.items()}
+    finally:
+        model.close()
+    return info, out
+
+
+def _check(path: Path, base: GGUFModel, require_unit_scale: bool) -> LoraInfo:
+    model = GGUFModel(path)
+    try:
+        info, pairs = _pairs(model)
+        if info.arch != base.meta.arch:
+            raise EoraError(f"{path.name}: adapter architecture {info.arch!r} != base {base.meta.arch!r} "
+                            "(llama.cpp: model arch and LoRA arch mismatch): write it for this base")
+        for name, (ta, tb) in pairs.items():
+            if name not in base:
+                raise EoraError(f"{path.name}: LoRA tensor {name!r} does not exist in base model "
+                                f"{base.path.name}: it was made for another model")
+            w, a, b = base.tensor(name).ne, model.tensor(ta).ne, model.tensor(tb).ne
+            if name.endswith("token_embd.weight"):
+                ok = w[0] == b[1] and w[1] == a[1]
+            else:
+                ok = w[0] == a[0] and w[1] == b[1]
+                if ok and a[1] != b[0]:
+                    raise EoraError(f"{path.name}: {ta} ne {list(a)} and {tb} ne {list(b)} disagree on the rank")
+            if not ok:
+                raise EoraError(f"{path.name}: {name} has incorrect shape (lora_a ne {list(a)}, lora_b ne {list(b)}, "
+                                f"base ne {list(w)}): it was made for another model")
+            if require_unit_scale and abs(info.scale(name) - 1.0) > 1e-6:
+                raise EoraError(f"{path.name}: {name} would run with scale {info.scale(name):g}, not 1 "
+                                f"(alpha {info.alpha:g}, rank {info.ranks[name]})")
+        return info
+    finally:
+        model.close()
+
+
+def _pairs(model: GGUFModel) -> tuple[LoraInfo, dict[str, tuple[str, str]]]:
+    """Validate an adapter's own metadata and tensor names; {base name: (lora_a name, lora_b name)}."""
+    name = model.path.name
+    general_type = model.field("general.type")
+    if general_type != "adapter":
+        raise EoraError(f"{name}: general.type is {general_type!r}, llama.cpp expects 'adapter'")
+    if model.field(gguf.Keys.Adapter.TYPE) != "lora":
+        raise EoraError(f"{name}: adapter.type is {model.field(gguf.Keys.Adapter.TYPE)!r}, llama.cpp expects 'lora'")
+    alpha_field = model.reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    alpha = 0.0
+    if alpha_field is not None:
+        if alpha_field.types != [gguf.GGUFValueType.FLOAT32]:
+            raise EoraError(f"{name}: adapter.lora.alpha must be a float32, llama.cpp aborts on "
+                            f"{alpha_field.types[0].name}")
+        alpha = float(alpha_field.contents())
+    parts: dict[str, dict[str, str]] = {}
+    for tname in model.names:
+        for suffix in (".lora_a", ".lora_b"):
+            if tname.endswith(suffix):
+                parts.setdefault(tname[: -len(suffix)], {})[suffix] = tname
+                break
+        else:
+            if not tname.endswith("_norm.weight"):
+                raise EoraError(f"{name}: LoRA tensor {tname!r} has unexpected suffix (llama.cpp refuses it)")
+    pairs: dict[str, tuple[str, str]] = {}
+    info = LoraInfo(arch=str(model.meta.arch), alpha=alpha)
+    for base_name, p in parts.items():
+        if len(p) != 2:
+            raise EoraError(f"{name}: LoRA tensor pair for {base_name!r} is missing one component")
+        ta, tb = p[".lora_a"], p[".lora_b"]
+        for t in (ta, tb):
+            if model.tensor(t).qtype not in READABLE_TYPES:
+                raise EoraError(f"{name}: {t} is {model.tensor(t).qtype.name}; expected F32, F16, BF16 or Q8_0")
+        pairs[base_name] = (ta, tb)
+        info.ranks[base_name] = model.tensor(tb).ne[0]
+        info.types[base_name] = (model.tensor(ta).qtype.name, model.tensor(tb).qtype.name)
+    if not pairs:
+        raise EoraError(f"{name}: the adapter holds no LoRA tensors")
+    return info, pairs
+
+
+def _check_pair(name: str, b: Any, a: Any) -> tuple[np.ndarray, np.ndarray]:
+    b, a = _numpy(b), _numpy(a)
+    if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
+        raise EoraError(f"{name}: factors must be B (n_out, r) and A (r, n_in) with r ≥ 1, got B {b.shape}, A {a.shape}")
+    if not (np.isfinite(b).all() and np.isfinite(a).all()):
+        raise EoraError(f"{name}: adapter factors contain NaN or Inf")
+    return b, a
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor; avoid importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, x: np.ndarray, qtype: Q) -> None:
+    if qtype == Q.Q8_0 and x.shape[1] % 32:
+        log.info("%s: row length %d is not a multiple of 32, stored as F16 instead of Q8_0", name, x.shape[1])
+        qtype = Q.F16
+    if qtype == Q.F16 and np.abs(x).max(initial=0.0) > F16_MAX:
+        log.warning("%s: values exceed the F16 range, stored as F32", name)
+        qtype = Q.F32
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == Q.F32:
+        writer.add_tensor(name, x32)
+    elif qtype == Q.F16:
+        writer.add_tensor(name, x32.astype(np.float16))
+    else:
+        data = gguf.quants.quantize(x32, qtype)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        raise EoraError(f"metadata {key!r} must be a string, int or float, got {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PEFT
+
+
+def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap, *,
+               base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) that loads with scale 1.
+
+    factors are keyed by GGUF name in GGUF row order, as for `write_gguf_lora`; B rows are put back into HF
+    order (the llama Q/K permutation undone). Keys: `base_model.model.<hf module>.lora_A.weight` (r, in) and
+    `.lora_B.weight` (out, r). lora_alpha = r (the most common rank); other ranks go in rank_pattern with an
+    equal alpha_pattern entry, so every module's scale alpha/r is 1.
+    """
+    from safetensors.numpy import save_file
+
+    if not factors:
+        raise EoraError("no adapter tensors to write: the rank or the module selection left nothing")
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        raise EoraError(f"output directory {out.parent} does not exist: create it or choose another path")
+    out.mkdir(exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    for gguf_name, (b, a) in factors.items():
+        b, a = _check_pair(gguf_name, b, a)
+        module = names.to_hf(gguf_name)
+        b_hf = names.gguf_to_hf_rows(module, b)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b_hf, dtype=np.float32)
+        ranks[module] = a.shape[0]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: k for m, k in ranks.items() if k != r}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    with atomic_output(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_output(out / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    log.info("wrote PEFT adapter %s: %d modules, r %d%s", out, len(ranks), r,
+             f" ({len(pattern)} with other ranks)" if pattern else "")
+    return out
