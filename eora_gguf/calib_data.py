@@ -32,7 +32,7 @@ from .errors import EoraError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_NAMES = ("demo", "arc_easy", "arc_challenge", "gsm8k")
+BUILTIN_NAMES = ("demo", "stories", "arc_easy", "arc_challenge", "gsm8k")
 
 # Record fields tried in order when a JSON-lines record has no "text" string: (prompt, answer) pairs.
 _PAIR_FIELDS = (

@@ -93,7 +93,7 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
     report = compensate.compensate(
         args.hf, args.gguf, args.output, rank=args.rank, method=args.method,
         calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
-        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft)
+        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--propagate", default="original", help="original (default) or compensated (sequential)")
     sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
     sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (HF row order)")
+    sp.add_argument("--eig-floor", type=float, default=1e-6,
+                    help="covariance eigenvalues below this x the largest are lifted (ridge); default 1e-6")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
     sp = verb("run", cmd_run, "all in one: convert -> quantize -> calibrate -> compensate -> llama-perplexity "

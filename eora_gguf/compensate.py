@@ -141,12 +141,15 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None,
                samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str = "f16",
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
-               batch_size: int = 8) -> Report:
+               batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
     propagate="compensated" calibrates each layer on the outputs of the already compensated layers before it
     (it cannot reuse statistics, which depend on the quantization and the rank).
+    also: {lower rank: path} — also write those ranks' adapters. Every method's rank-r solution is the first r
+    components of its rank-R one (B's columns are the top eigenvectors of one Gram matrix, in descending
+    order), so one solve serves all ranks (with propagate="original"; compensated mode depends on the rank).
     """
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -159,6 +162,13 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     names = NameMap.from_config(config)
     check_rank(names, rank)
     check_writable(out)
+    also = dict(also or {})
+    for r, p in also.items():
+        if not 1 <= r <= rank:
+            raise EoraError(f"extra rank {r} must lie in [1, {rank}]")
+        check_writable(p)
+    if also and propagate == "compensated":
+        raise EoraError("--propagate compensated depends on the rank: solve each rank on its own")
     if peft_dir is not None:
         check_writable(Path(peft_dir))
     t_start = time.perf_counter()
@@ -193,6 +203,10 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                     "eora.base_model": Path(gguf_path).name, "eora.calibration": str(calib_meta["calibration"])}
         path = adapter_io.write_gguf_lora(out, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
         adapter_io.check_gguf_lora(path, base)
+        for r, p in sorted(also.items()):
+            low = {n: (b[:, :r], a[:r]) for n, (b, a) in solver.factors.items()}
+            adapter_io.write_gguf_lora(p, low, arch=arch, dtype=adapter_type, metadata={**metadata, "eora.rank": r})
+            adapter_io.check_gguf_lora(p, base)
     if peft_dir is not None:
         adapter_io.write_peft(peft_dir, solver.factors, names, base_model_name_or_path=str(hf))
     total = time.perf_counter() - t_start

@@ -90,12 +90,14 @@ def run_all(args: argparse.Namespace) -> dict:
         plain = ppl(quant_files[q], [])
         rows.append(_row(q, "-", 0, plain, quant_files[q], None, n_weights, f16.ppl, plain.ppl))
         for method in methods:
-            for rank in (r for r in ranks if r):
-                adapter = work / f"adapter-{q}-{method}-r{rank}-{args.adapter_type}.gguf"
-                if fresh(adapter):
-                    log.info("compensating %s: %s rank %d", q, method, rank)
-                    compensate.compensate(hf_dir, quant_files[q], adapter, rank=rank, method=method,
-                                          stats=stats_file, adapter_type=args.adapter_type)
+            adapters = {r: work / f"adapter-{q}-{method}-r{r}-{args.adapter_type}.gguf" for r in ranks if r}
+            if adapters and any(fresh(p) for p in adapters.values()):
+                top = max(adapters)
+                log.info("compensating %s: %s rank %s", q, method, ",".join(map(str, adapters)))
+                compensate.compensate(hf_dir, quant_files[q], adapters[top], rank=top, method=method,
+                                      stats=stats_file, adapter_type=args.adapter_type,
+                                      also={r: p for r, p in adapters.items() if r != top})
+            for rank, adapter in adapters.items():
                 res = ppl(quant_files[q], [adapter])
                 rows.append(_row(q, method, rank, res, quant_files[q], adapter, n_weights, f16.ppl, plain.ppl))
 

@@ -8,6 +8,9 @@ Each measurement runs in a fresh subprocess so its peak RSS is its own:
   calib     eora_gguf.calibration.collect_stats (weights read included), float32 blocks into float64;
   calib64   (with --fp64) the same with float64 blocks: its time, and the largest relative difference of the
             covariances, max|C32 - C64| / max|C64| per site.
+  compensate (with --gguf) `eora_gguf.compensate.compensate`: calibration streamed layer by layer with the EoRA
+            solve of each layer as it completes (statistics not kept), adapter written — the number the
+            acceptance target "calibrate + solve <= 2.5 x one plain forward" is about.
 The one-layer memory bound printed beside the RSS: process baseline (torch imported) + one decoder layer +
 non-layer weights + activations (samples*seqlen*hidden*4 bytes, two copies while a layer runs) + the
 float64 statistics kept for all layers.
@@ -33,9 +36,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(kind: str, hf: str, ids_path: str, batch: int, out_path: str | None) -> dict:
+def _worker(kind: str, hf: str, ids_path: str, batch: int, out_path: str | None, args=None) -> dict:
     ids = torch.load(ids_path)
     base_rss = _rss_mb()
+    if kind == "compensate":
+        from eora_gguf.compensate import compensate
+
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            rep = compensate(hf, args.gguf, Path(tmp) / "a.gguf", rank=args.rank, method="eora", calib=args.calib,
+                             samples=ids.shape[0], seqlen=ids.shape[1], batch_size=batch)
+            wall = time.perf_counter() - t0
+        return {"wall_s": wall, "solve_s": rep.seconds["solve"], "peak_rss_mb": _rss_mb(),
+                "baseline_rss_mb": base_rss, "rank": args.rank, "gguf": args.gguf}
     if kind == "forward":
         from transformers import AutoModelForCausalLM
 
@@ -68,7 +81,8 @@ def _worker(kind: str, hf: str, ids_path: str, batch: int, out_path: str | None)
 
 def _spawn(kind: str, args, ids_path: str, out_path: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--hf", args.hf, "--ids", ids_path,
-           "--batch", str(args.batch)] + (["--cov-out", out_path] if out_path else [])
+           "--batch", str(args.batch), "--calib", args.calib, "--rank", str(args.rank)]
+    cmd += (["--cov-out", out_path] if out_path else []) + (["--gguf", args.gguf] if args.gguf else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
@@ -101,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--calib", default="demo", help="calibration spec; 'random' for random token ids")
     ap.add_argument("--fp64", action="store_true", help="also run with float64 blocks and compare")
+    ap.add_argument("--gguf", help="a quantized GGUF of the model: also time compensate (calibrate + solve)")
+    ap.add_argument("--rank", type=int, default=64, help="rank for --gguf (default 64)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--cov-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.hf, args.ids, args.batch, args.cov_out)))
+        print(json.dumps(_worker(args.worker, args.hf, args.ids, args.batch, args.cov_out, args)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers import AutoConfig, AutoTokenizer
@@ -135,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_base_forward": cal["wall_s"] / fwd["forward_base_s"],
             "memory_bound": _layer_bound_mb(args.hf, args.samples, args.seqlen, cal["baseline_rss_mb"]),
         }
+        if args.gguf:
+            comp = _spawn("compensate", args, ids_path)
+            log.info("compensate: %s", comp)
+            result["compensate"] = comp
+            result["compensate_ratio_vs_forward"] = comp["wall_s"] / fwd["forward_s"]
         if args.fp64:
             c64_path = str(Path(tmp) / "c64.pt")
             cal64 = _spawn("calib64", args, ids_path, c64_path)
