@@ -141,10 +141,12 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None,
                samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str = "f16",
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
-               batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None) -> Report:
+               batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None,
+               tokenizer=None) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
+    tokenizer: tokenizes `calib` (default: the HF folder's AutoTokenizer).
     propagate="compensated" calibrates each layer on the outputs of the already compensated layers before it
     (it cannot reuse statistics, which depend on the quantization and the rank).
     also: {lower rank: path} — also write those ranks' adapters. Every method's rank-r solution is the first r
@@ -187,7 +189,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         elif calib is None:
             raise EoraError("give calibration data (--calib) or statistics (--stats)")
         else:
-            ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen)
+            ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
 
             def on_layer(i: int, layer_stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
                 weights = solver.layer(layer_stats, layer_stats.modules(i))

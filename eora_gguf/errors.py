@@ -20,6 +20,8 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     """Refuse early (before long work) an output path whose directory is missing or not writable."""
     dest = Path(path)
     parent = dest.parent if str(dest.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise EoraError(f"cannot write {dest}: {parent} is not a directory")
     if not parent.is_dir():
         raise EoraError(f"output directory {parent} does not exist: create it or choose another -o path")
     if not os.access(parent, os.W_OK) or dest.is_dir():

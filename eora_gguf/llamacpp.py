@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -375,3 +376,56 @@ def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | 
             return Perplexity(ppl=values[-1], stderr=float("nan"), chunks=values, ctx=ctx, tokens=n_chunks * ctx)
         log.warning("llama-perplexity lost its final log lines (attempt %d); running it again", attempt + 1)
     raise EoraError(f"llama-perplexity printed no final estimate: {_last_error_line(text)}")
+
+
+def read_logprobs_file(path: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """Read the file `llama-perplexity --kl-divergence-base FILE` writes: (tokens, logprobs).
+
+    Layout (tools/perplexity/perplexity.cpp): "_logits_", int32 n_ctx, int32 n_vocab, int32 n_chunk, the
+    n_chunk*n_ctx evaluated token ids (int32, as tokenized: the BOS swapped into each chunk's first position at
+    decode time is not stored), then per chunk n_ctx-1-n_ctx//2 rows (positions n_ctx//2 .. n_ctx-2, each
+    predicting the next token) of 2*((n_vocab+1)/2)+4 uint16: a float32 scale, a float32 minimum log-prob,
+    then the log-probs coded as min + scale*q (clamped below at the row's max logit - 16).
+    tokens: (n_chunk, n_ctx) int64; logprobs: (n_chunk*(n_ctx-1-n_ctx//2), n_vocab) float64.
+    """
+    import numpy as np
+
+    raw = Path(path).read_bytes()
+    if raw[:8] != b"_logits_" or len(raw) < 20:
+        raise EoraError(f"{path} is not a llama-perplexity --kl-divergence-base file")
+    n_ctx, n_vocab, n_chunk = (int(x) for x in np.frombuffer(raw[8:20], np.int32))
+    head = 20 + 4 * n_chunk * n_ctx
+    tokens = np.frombuffer(raw[20:head], np.int32).astype(np.int64).reshape(n_chunk, n_ctx)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    per_chunk = n_ctx - 1 - n_ctx // 2
+    body = np.frombuffer(raw[head:], np.uint16)
+    if body.size != n_chunk * per_chunk * nv:
+        raise EoraError(f"{path} is truncated: {body.size} log-prob values, expected {n_chunk * per_chunk * nv}")
+    rows = body.reshape(-1, nv)
+    scale_min = rows[:, :4].copy().view(np.float32).astype(np.float64)  # (n, 2): scale, min log-prob
+    logprobs = scale_min[:, 1:2] + scale_min[:, 0:1] * rows[:, 4:4 + n_vocab].astype(np.float64)
+    return tokens, logprobs
+
+
+def token_logprobs(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str],
+                   out_file: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[str]] = (),
+                   ctx: int = 128, chunks: int = 3, threads: int | None = None) -> tuple[Any, Any]:
+    """llama.cpp's next-token log-probabilities over `text_file`, read from the data file (the log is unreliable).
+
+    Runs `llama-perplexity --kl-divergence-base out_file`; returns `read_logprobs_file(out_file)`:
+    tokens (chunks, ctx) and logprobs (chunks*(ctx-1-ctx//2), n_vocab).
+    """
+    require_gguf(model)
+    if not Path(text_file).is_file():
+        raise EoraError(f"text file {text_file} does not exist")
+    args: list[str | os.PathLike[str]] = [llama.tool("llama-perplexity"), "-m", model, "-f", text_file,
+                                          "-c", str(ctx), "--chunks", str(chunks), "--no-warmup"]
+    if threads:
+        args += ["-t", str(threads)]
+    for adapter in lora:
+        require_gguf(adapter)
+        args += ["--lora", adapter]
+    with atomic_output(out_file, suffix=".bin") as tmp:
+        run_tool([*args, "--kl-divergence-base", tmp], f"llama-perplexity --kl-divergence-base on {Path(model).name}")
+        result = read_logprobs_file(tmp)
+    return result

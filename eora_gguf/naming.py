@@ -112,7 +112,7 @@ class NameMap:
     def __init__(self, dims: ModelDims, *, hf_prefix: str = "model.") -> None:
         self.dims = dims
         self.hf_prefix = hf_prefix
-        self._map = gguf.get_tensor_name_map(_arch_enum(dims.arch), dims.n_layers)
+        self._map = gguf.get_tensor_name_map(arch_enum(dims.arch), dims.n_layers)
 
     @classmethod
     def from_config(cls, config: Any, *, hf_prefix: str = "model.") -> NameMap:
@@ -195,7 +195,7 @@ def _check_rows(x: Any, groups: int) -> int:
     return d
 
 
-def _arch_enum(arch: str) -> gguf.MODEL_ARCH:
+def arch_enum(arch: str) -> gguf.MODEL_ARCH:
     for enum, name in gguf.MODEL_ARCH_NAMES.items():
         if name == arch:
             return enum

@@ -13,6 +13,7 @@ from eora_gguf import eora
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora, write_peft
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
+from eora_gguf.llamacpp import token_logprobs
 from eora_gguf.naming import NameMap, permute_rows
 from tiny_models import _WORDS, ARCHS, SYNTH, hf_state, write_gguf_copy, write_synthetic_gguf
 
@@ -245,28 +246,6 @@ def test_qk_permutation_matches_the_converter(tiny_hf, tiny_gguf, arch):
                 assert (names.dims.arch == "llama") == (not np.array_equal(hf_w, gguf_w))
 
 
-def token_logprobs(llama, model, text, out, lora=()) -> np.ndarray:
-    """Log-probabilities llama-perplexity saves with --kl-divergence-base (uint16-coded per token; decoded here).
-
-    Read from the data file, not the log: (n_scored_tokens, n_vocab) float64."""
-    from eora_gguf import llamacpp
-
-    args = [llama.tool("llama-perplexity"), "-m", model, "-f", text, "-c", "128", "--chunks", "3", "-t", "2",
-            "--no-warmup", "--kl-divergence-base", out]
-    for a in lora:
-        args += ["--lora", a]
-    llamacpp.run_tool(args, "llama-perplexity --kl-divergence-base")
-    raw = out.read_bytes()
-    assert raw[:8] == b"_logits_"
-    n_ctx, n_vocab, n_chunk = np.frombuffer(raw[8:12], np.int32)[0], *np.frombuffer(raw[12:20], np.int32)
-    body = np.frombuffer(raw[20 + 4 * n_chunk * n_ctx:], np.uint16)
-    nv = 2 * ((n_vocab + 1) // 2) + 4
-    rows = body.reshape(-1, nv)
-    scale_min = rows[:, :4].copy().view(np.float32)  # (n, 2): scale, min log-prob
-    q = rows[:, 4:4 + n_vocab].astype(np.float64)
-    return scale_min[:, 1:2].astype(np.float64) + scale_min[:, 0:1] * q
-
-
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_llama_cpp_applies_the_adapter_with_scale_one(tiny_hf, tiny_gguf, llama, tmp_path, arch):
@@ -277,9 +256,9 @@ def test_llama_cpp_applies_the_adapter_with_scale_one(tiny_hf, tiny_gguf, llama,
     rng = random.Random(0)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(rng.choice(_WORDS) for _ in range(1500)))
-    ref = token_logprobs(llama, f32, text, tmp_path / "ref.bin")
-    broken = token_logprobs(llama, copy, text, tmp_path / "copy.bin")
-    fixed = token_logprobs(llama, copy, text, tmp_path / "fixed.bin", lora=[adapter])
+    _, ref = token_logprobs(llama, f32, text, tmp_path / "ref.bin", threads=2)
+    _, broken = token_logprobs(llama, copy, text, tmp_path / "copy.bin", threads=2)
+    _, fixed = token_logprobs(llama, copy, text, tmp_path / "fixed.bin", lora=[adapter], threads=2)
     assert ref.shape == fixed.shape and ref.shape[0] >= 3 * 63
     err_broken, err_fixed = np.abs(broken - ref).max(), np.abs(fixed - ref).max()
     print(f"{arch}: max |Δ log p| copy {err_broken:.3g}, copy+adapter {err_fixed:.3g}")

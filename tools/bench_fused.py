@@ -100,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--quick", action="store_true", help="4096x4096, ranks 0/64, batch 1, 20 iterations")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure eora and ggml alternately this many times per row (median of the medians)")
+    p.add_argument("--quick", action="store_true", help="4096x4096, ranks 0/64, batch 1, 200 iterations")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.quick:
-        args.shapes, args.ranks, args.batches, args.iters = ["4096x4096"], [0, 64], [1], 20
+        args.shapes, args.ranks, args.batches, args.iters = ["4096x4096"], [0, 64], [1], 200
     try:
         from eora_gguf import llamacpp
 
@@ -124,15 +126,22 @@ def main(argv: list[str] | None = None) -> int:
         a_bytes = 2 * rank * (shape[0] + shape[1])
         row = {"type": qtype, "shape": shape_name, "rank": rank, "batch": n, "threads": threads,
                "weight_bytes": w_bytes, "adapter_bytes": a_bytes}
-        row["eora"] = run_harness(exe, qtype, shape, n, rank, threads, args.iters, 0, 2)
-        row["ggml"] = run_harness(exe, qtype, shape, n, 0, threads, args.iters, 1, 0)
-        row["ggml_plain"] = run_harness(exe, qtype, shape, n, 0, threads, args.iters, 0, 0)
-        if "error" in row["ggml"]:  # ggml does not repack this type: llama.cpp runs the plain buffer
-            row["ggml"] = row["ggml_plain"]
-        if rank:
-            row["ggml_lora"] = run_harness(exe, qtype, shape, n, rank, threads, args.iters, 1, 1)
-            if "error" in row["ggml_lora"]:
-                row["ggml_lora"] = run_harness(exe, qtype, shape, n, rank, threads, args.iters, 0, 1)
+        # (repack, mode) per measurement; ggml falls back to the plain buffer where it does not repack the type
+        # (what llama.cpp then runs). Rounds alternate ours and ggml's so load from other jobs hits both.
+        runs: dict[str, list[dict]] = {"eora": [], "ggml": [], "ggml_plain": [], "ggml_lora": []}
+        for _ in range(max(1, args.rounds)):
+            runs["eora"].append(run_harness(exe, qtype, shape, n, rank, threads, args.iters, 0, 2))
+            g = run_harness(exe, qtype, shape, n, 0, threads, args.iters, 1, 0)
+            runs["ggml_plain"].append(run_harness(exe, qtype, shape, n, 0, threads, args.iters, 0, 0))
+            runs["ggml"].append(runs["ggml_plain"][-1] if "error" in g else g)
+            if rank:
+                lo = run_harness(exe, qtype, shape, n, rank, threads, args.iters, 1, 1)
+                if "error" in lo:
+                    lo = run_harness(exe, qtype, shape, n, rank, threads, args.iters, 0, 1)
+                runs["ggml_lora"].append(lo)
+        for key, results in runs.items():
+            if results:
+                row[key] = combine(results)
         if not args.no_torch:
             row["torch"] = time_torch(qtype, shape, n, rank, threads, max(3, args.iters // 5))
         e, g = row["eora"].get("median_s"), row["ggml"].get("median_s")
@@ -155,19 +164,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def combine(results: list[dict]) -> dict:
+    """Median of the per-round medians, minimum of the minima (an error if every round failed)."""
+    ok = [r for r in results if "median_s" in r]
+    if not ok:
+        return results[-1]
+    return {"median_s": float(np.median([r["median_s"] for r in ok])), "min_s": min(r["min_s"] for r in ok),
+            "round_medians_s": [r["median_s"] for r in ok], "weight_buffer": ok[-1].get("weight_buffer")}
+
+
+def lora_ratio(r: dict) -> str:
+    e, lo = r["eora"].get("median_s"), (r.get("ggml_lora") or {}).get("median_s")
+    return f"{e / lo:.2f}" if e and lo else "-"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     def ms(d: dict | None, key: str = "median_s") -> str:
         return f"{1e3 * d[key]:.3f}" if d and key in d else "-"
 
     lines = [f"CPU path `{meta['cpu_path']}`, {meta['cpus']} cores, load average {meta['load_avg'][0]:.1f} at the end.",
-             "", "| type | shape | rank | batch | threads | eora ms (min) | ggml ms (min) [buffer] | ggml 4-op LoRA ms "
-             "| torch ms | eora GB/s | eora / bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| type | shape | rank | batch | threads | eora ms (min) | ggml ms (min) [buffer] | ggml 4-op LoRA ms (min) "
+             "| torch ms | eora GB/s | eora / bound | eora / LoRA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['type']} | {r['shape']} | {r['rank']} | {r['batch']} | {r['threads']} | "
                      f"{ms(r['eora'])} ({ms(r['eora'], 'min_s')}) | {ms(r['ggml'])} ({ms(r['ggml'], 'min_s')}) "
-                     f"[{r['ggml'].get('weight_buffer', r['ggml'].get('error', '?'))}] | {ms(r.get('ggml_lora'))} | "
+                     f"[{r['ggml'].get('weight_buffer', r['ggml'].get('error', '?'))}] | "
+                     f"{ms(r.get('ggml_lora'))} ({ms(r.get('ggml_lora'), 'min_s')}) | "
                      f"{ms(r.get('torch'))} | {r.get('eora_gbps', float('nan')):.1f} | "
-                     f"{r.get('ratio_to_bound', float('nan')):.2f} |")
+                     f"{r.get('ratio_to_bound', float('nan')):.2f} | {lora_ratio(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -89,9 +89,10 @@ EORA_API eora_status eora_dequantize(int type, const void *src, size_t src_bytes
  *  and rank must not exceed min(d_in, d_out).
  * The _ref variant is the scalar reference: fp32 dequantization, fp64 accumulation.
  * eora_fused_matmul splits output rows over n_threads (0 = all cores) and by default quantizes each
- * token of x to 8 bits in blocks of 32 (scale = max|x| / 127), then uses integer dot products against the
- * weight codes; A.x and B.(A.x) always stay in fp32. The relative error this adds is bounded by about
- * 0.5 / 127 per block of x (see docs/native.md); EORA_FLAG_F32_ACT removes it. */
+ * token of x to 8 bits (scale = max|x| / 127 per block: 256 elements for Q2_K..Q6_K weights on the
+ * AVX2/AVX-512 direct kernels, 32 otherwise), then uses integer dot products against the weight codes;
+ * A.x and B.(A.x) always stay in fp32. Each x element is off by at most half a step, max|x_block| / 254
+ * (see docs/native.md for the resulting error); EORA_FLAG_F32_ACT removes it. */
 EORA_API eora_status eora_fused_matmul_ref(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
                                            const float *x, size_t x_bytes, int64_t n_tokens,
                                            int a_type, const void *a, size_t a_bytes,

@@ -16,15 +16,33 @@ static int cpu_level(void) {  /* 2 = AVX-512 (F, BW, VL, VNNI), 1 = AVX2 + FMA +
     return 0;
 }
 
-static const eora_kernels *select_kernels(unsigned flags) {
+static int select_level(unsigned flags) {
     int level = cpu_level();
     if (flags & EORA_FLAG_ISA_SCALAR) level = 0;
     if ((flags & EORA_FLAG_ISA_AVX2) && level > 1) level = 1;
+    return level;
+}
+
+static const eora_kernels *select_kernels(unsigned flags) {
 #if defined(EORA_HAVE_X86_KERNELS)
+    int level = select_level(flags);
     if (level == 2) return &eora_kernels_avx512;
     if (level == 1) return &eora_kernels_avx2;
+#else
+    (void)flags;
 #endif
     return &eora_kernels_scalar;
+}
+
+static const eora_direct_kernels *select_direct(unsigned flags) {
+#if defined(EORA_HAVE_X86_KERNELS)
+    int level = select_level(flags);
+    if (level == 2) return &eora_direct_avx512;
+    if (level == 1) return &eora_direct_avx2;
+#else
+    (void)flags;
+#endif
+    return &eora_direct_scalar;
 }
 
 EORA_API const char *eora_cpu_path(void) { return select_kernels(0)->name; }
@@ -79,7 +97,10 @@ typedef struct {
     const eora_fused_args *f;
     const eora_kernels *k;
     int quant_act;
-    eora_qx *qx;          /* (n_tokens) quantized tokens */
+    eora_qx *qx;          /* (n_tokens) quantized tokens (unpack path) */
+    const eora_direct_kernels *dk;
+    eora_direct_fn direct;  /* non-NULL: direct kernel path */
+    eora_xq *xq;          /* (n_tokens) quantized tokens (direct path) */
     float *t;             /* (n_tokens, rank): A x */
     uint8_t *scratch;     /* per thread */
     size_t scratch_bytes;
@@ -99,10 +120,16 @@ static void phase1(void *ctx, int64_t begin, int64_t end, int tid) {
     float *arow = (float *)(j->scratch + (size_t)tid * j->scratch_bytes + (size_t)f->d_in * 4 + 64);
     for (int64_t it = begin; it < end; it++) {
         if (it < f->n_tokens) {
-            if (j->quant_act) j->k->quantize_x(f->x + it * f->d_in, f->d_in, &j->qx[it]);
+            if (j->direct) j->dk->quantize(f->w_type, f->x + it * f->d_in, f->d_in, &j->xq[it]);
+            else if (j->quant_act) j->k->quantize_x(f->x + it * f->d_in, f->d_in, &j->qx[it]);
             continue;
         }
         int64_t kr = it - f->n_tokens;
+        const uint8_t *ar = (const uint8_t *)f->a + kr * row_bytes(f->a_type, f->d_in);
+        if (f->n_tokens == 1) {  /* one token: read the row in place */
+            j->t[kr] = j->k->adapter_dot(f->a_type, ar, f->x, f->d_in);
+            continue;
+        }
         j->k->adapter_row(f->a_type, (const uint8_t *)f->a + kr * row_bytes(f->a_type, f->d_in), f->d_in, arow);
         for (int64_t t = 0; t < f->n_tokens; t++)
             j->t[t * f->rank + kr] = j->k->dot_f32(arow, f->x + t * f->d_in, f->d_in);
@@ -119,6 +146,24 @@ static void phase2(void *ctx, int64_t begin, int64_t end, int tid) {
     float *ds = (float *)(base + d_in), *dm = ds + d_in / 16;
     float *brow = (float *)(base + (size_t)d_in * 4 + 64);
     const size_t wb = row_bytes(f->w_type, d_in), bb = rank ? row_bytes(f->b_type, rank) : 0;
+    if (j->direct) {  /* blocks read in place, up to 4 tokens per pass over the row */
+        const int64_t nb = d_in / eora_traits(f->w_type)->block_elems;
+        float v[4];
+        for (int64_t o = begin; o < end; o++) {
+            const uint8_t *wr = (const uint8_t *)f->w + o * wb;
+            const uint8_t *br = rank ? (const uint8_t *)f->b + o * bb : NULL;
+            for (int64_t t0 = 0; t0 < f->n_tokens; t0 += 4) {
+                int nt = f->n_tokens - t0 < 4 ? (int)(f->n_tokens - t0) : 4;
+                j->direct(wr, nb, j->xq + t0, nt, v);
+                for (int i = 0; i < nt; i++) {
+                    float r = v[i];
+                    if (rank) r += j->k->adapter_dot(f->b_type, br, j->t + (t0 + i) * rank, rank);
+                    f->y[(t0 + i) * f->d_out + o] = r;
+                }
+            }
+        }
+        return;
+    }
     for (int64_t o = begin; o < end; o++) {
         const uint8_t *wr = (const uint8_t *)f->w + o * wb;
         if (j->quant_act) j->k->unpack(f->w_type, wr, d_in, codes, ds, dm);
@@ -145,18 +190,33 @@ EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes
     if (flags & ~(unsigned)(EORA_FLAG_F32_ACT | EORA_FLAG_ISA_SCALAR | EORA_FLAG_ISA_AVX2))
         return eora_fail(EORA_ERR_ARGUMENT, "fused_matmul: unknown flag bits 0x%x", flags);
     int threads = resolve_threads(n_threads);
-    fused_job j = {&f, select_kernels(flags), !(flags & EORA_FLAG_F32_ACT) && !is_float_type(w_type), NULL, NULL,
-                   NULL, scratch_size(d_in, rank)};
-    size_t qx_bytes = j.quant_act ? (size_t)n_tokens * ((size_t)d_in + (size_t)d_in / 16 * 8) : 0;
+    fused_job j = {&f, select_kernels(flags), !(flags & EORA_FLAG_F32_ACT) && !is_float_type(w_type), NULL,
+                   select_direct(flags), NULL, NULL, NULL, NULL, scratch_size(d_in, rank)};
+    const int dblock = j.quant_act && j.dk->block ? j.dk->block(w_type) : 0;
+    if (dblock) j.direct = j.dk->kernel(w_type);
+    size_t qx_bytes = 0;
+    if (j.direct)  /* q (64-aligned), d per block, bs per 16 */
+        qx_bytes = (size_t)n_tokens * (((size_t)d_in + 63) / 64 * 64 + (size_t)d_in / 32 * 4 + (size_t)d_in / 16 * 2 + 64 +
+                                       (size_t)d_in * 8 + 64);
+    else if (j.quant_act)
+        qx_bytes = (size_t)n_tokens * ((size_t)d_in + (size_t)d_in / 16 * 8);
     size_t total = (size_t)threads * j.scratch_bytes + qx_bytes + (size_t)n_tokens * (size_t)rank * 4 +
-                   (size_t)n_tokens * sizeof(eora_qx) + 64;
+                   (size_t)n_tokens * (sizeof(eora_qx) + sizeof(eora_xq)) + 128;
     uint8_t *mem = aligned_alloc(64, (total + 63) / 64 * 64);
     if (!mem) return eora_fail(EORA_ERR_MEMORY, "fused_matmul: cannot allocate %zu bytes of scratch", total);
     uint8_t *p = mem;
     j.scratch = p; p += (size_t)threads * j.scratch_bytes;
     j.qx = (eora_qx *)p; p += (size_t)n_tokens * sizeof(eora_qx);
+    j.xq = (eora_xq *)p; p += (size_t)n_tokens * sizeof(eora_xq);
     j.t = (float *)p; p += (size_t)n_tokens * (size_t)rank * 4;
-    for (int64_t t = 0; t < n_tokens && j.quant_act; t++) {
+    p = mem + (p - mem + 63) / 64 * 64;
+    for (int64_t t = 0; t < n_tokens && j.direct; t++) {
+        j.xq[t].q = (int8_t *)p; p += ((size_t)d_in + 63) / 64 * 64;
+        j.xq[t].d = (float *)p; p += (size_t)d_in / dblock * 4;
+        j.xq[t].bs = (int16_t *)p; p += ((size_t)d_in / 16 * 2 + 63) / 64 * 64;
+        j.xq[t].aux = (float *)p; p += ((size_t)d_in * 8 + 63) / 64 * 64;
+    }
+    for (int64_t t = 0; t < n_tokens && j.quant_act && !j.direct; t++) {
         j.qx[t].d_in = d_in;
         j.qx[t].d16 = (float *)p; p += (size_t)d_in / 16 * 4;
         j.qx[t].s16 = (float *)p; p += (size_t)d_in / 16 * 4;

@@ -305,6 +305,44 @@ static void K(adapter_row)(int type, const void *row, int64_t n, float *out) {
     dequant_row(type, row, out, n);
 }
 
+static float K(dot_f32)(const float *a, const float *b, int64_t n);
+
+static float K(adapter_dot)(int type, const void *row, const float *v, int64_t n) {
+    if (type == EORA_TYPE_F32) return K(dot_f32)(row, v, n);
+    int64_t i = 0;
+    float total = 0;
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+    if (type == EORA_TYPE_F16) {
+        const uint16_t *h = row;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(v + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i + 8))), _mm256_loadu_ps(v + i + 8), acc1);
+        }
+        __m256 acc = _mm256_add_ps(acc0, acc1);
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        total = _mm_cvtss_f32(s);
+        for (; i < n; i++) total += eora_f16_to_f32(h[i]) * v[i];
+        return total;
+    }
+#endif
+    if (type == EORA_TYPE_F16) {
+        const uint16_t *h = row;
+        for (; i < n; i++) total += eora_f16_to_f32(h[i]) * v[i];
+        return total;
+    }
+    /* Q8_0 */
+    const blk_q8_0 *b = row;
+    for (int64_t k = 0; k < n / 32; k++) {
+        float s = 0;
+        for (int j = 0; j < 32; j++) s += (float)b[k].qs[j] * v[32 * k + j];
+        total += eora_f16_to_f32(b[k].d) * s;
+    }
+    return total;
+}
+
 /* ---- activations: 8-bit codes in blocks of 32, scale max|x| / 127 ---- */
 
 static void K(quantize_x)(const float *x, int64_t d_in, eora_qx *o) {
@@ -414,5 +452,6 @@ const eora_kernels K(eora_kernels) = {
     .adapter_row = K(adapter_row),
     .dot_q = K(dot_q),
     .dot_f32 = K(dot_f32),
+    .adapter_dot = K(adapter_dot),
     .quantize_x = K(quantize_x),
 };

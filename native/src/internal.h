@@ -78,11 +78,38 @@ typedef struct {
     void (*adapter_row)(int type, const void *row, int64_t n, float *out);
     /* sum_i w[i] * x[i] for an unpacked row and a quantized token */
     float (*dot_q)(const uint8_t *codes, const float *ds, const float *dm, const eora_qx *x);
+    /* sum_i row[i] * v[i] for an adapter row (F32, F16, Q8_0) read in place, in fp32 */
+    float (*adapter_dot)(int type, const void *row, const float *v, int64_t n);
     /* sum_i a[i] * b[i] in fp32 */
     float (*dot_f32)(const float *a, const float *b, int64_t n);
     /* quantize one token */
     void (*quantize_x)(const float *x, int64_t d_in, eora_qx *out);
 } eora_kernels;
+
+/* --- Direct kernels (qdot.c, also compiled per instruction set): integer dot products that read the GGUF
+ * blocks in place, against activations quantized per block of 256 (K-quants) or 32 (Q4_0, Q8_0). --- */
+typedef struct {
+    float *d;      /* (d_in / block) scales */
+    int8_t *q;     /* (d_in) codes; 32-element chunks of each 256-block in the kernel's order */
+    int16_t *bs;   /* code sums: per 16 elements (256-blocks, natural order) or per 32-block */
+    float *aux;    /* 32-blocks, AVX-512 (2 * d_in floats): Q8_0 per pair of blocks 16 scales (each block's
+                    * d x8), then 16 int32 start values (-128 * bs in lanes 0 and 8); Q4_0 per group of 4
+                    * blocks 16 scales (d x4), then 16 int32 (-8 * bs in lanes 0, 4, 8, 12); q of such a
+                    * Q4_0 group holds the four first halves, then the four second halves */
+} eora_xq;
+
+/* out[t] = sum_i w[i] x_t[i] for one weight row (nb blocks) and nt <= 4 tokens xs[0..nt-1]. */
+typedef void (*eora_direct_fn)(const uint8_t *row, int64_t nb, const eora_xq *xs, int nt, float *out);
+
+typedef struct {
+    int (*block)(int type);  /* activation block size if `type` has a direct kernel, else 0 */
+    void (*quantize)(int type, const float *x, int64_t d_in, eora_xq *out);
+    eora_direct_fn (*kernel)(int type);
+} eora_direct_kernels;
+
+extern const eora_direct_kernels eora_direct_scalar;
+extern const eora_direct_kernels eora_direct_avx2;
+extern const eora_direct_kernels eora_direct_avx512;
 
 extern const eora_kernels eora_kernels_scalar;
 extern const eora_kernels eora_kernels_avx2;

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -13,7 +14,8 @@
 #endif
 
 #define MAX_THREADS 256
-#define SPIN_ROUNDS 20000  /* ~0.1-1 ms of polling before a worker sleeps */
+#define SPIN_NS 2000000  /* a worker polls this long (2 ms) after a job before it sleeps: waking a sleeping
+                          * worker costs tens of microseconds, more than a whole batch-1 product */
 
 static struct {
     pthread_mutex_t call_lock;   /* one job at a time */
@@ -22,12 +24,17 @@ static struct {
     int n_workers;
     _Atomic uint64_t generation;
     _Atomic int64_t next;
-    _Atomic int done;
-    int participants;            /* workers (not counting the caller) taking part in this job */
+    /* Workers inside the current job, plus JOB_CLOSED once every item is claimed. A worker joins by
+     * incrementing it and backs out if it sees JOB_CLOSED, so the caller never waits for a worker that
+     * has not woken up yet (on a loaded machine that wait costs a scheduler slice). */
+    _Atomic uint32_t state;
+    int participants;            /* workers (not counting the caller) allowed in this job */
     int64_t n_items, chunk;
     eora_range_fn fn;
     void *ctx;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+#define JOB_CLOSED 0x80000000u
 
 static uint64_t start_generation[MAX_THREADS];
 
@@ -40,6 +47,12 @@ static void run_share(int tid) {
     }
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static void *worker(void *arg) {
     int index = (int)(intptr_t)arg;  /* 1-based thread id */
     /* The generation before the job that created this worker: a worker that starts late must still see it. */
@@ -47,17 +60,17 @@ static void *worker(void *arg) {
     for (;;) {
         uint64_t gen;
         long spins = 0;
+        int64_t spin_start = now_ns();
         while ((gen = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_ROUNDS) { CPU_RELAX(); continue; }
+            if ((++spins & 255) || now_ns() - spin_start < SPIN_NS) { CPU_RELAX(); continue; }
             pthread_mutex_lock(&pool.lock);
             while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
             pthread_mutex_unlock(&pool.lock);
         }
         seen = gen;
-        if (index <= pool.participants) {
-            run_share(index);
-            atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
-        }
+        uint32_t st = atomic_fetch_add_explicit(&pool.state, 1, memory_order_acq_rel);
+        if (!(st & JOB_CLOSED) && index <= pool.participants) run_share(index);
+        atomic_fetch_sub_explicit(&pool.state, 1, memory_order_release);
     }
     return NULL;
 }
@@ -68,6 +81,7 @@ static void after_fork_child(void) {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pool.n_workers = 0;
+    atomic_store(&pool.state, 0);
 }
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
@@ -106,14 +120,17 @@ int eora_pool_run(int n_threads, int64_t n_items, int64_t chunk, eora_range_fn f
     pool.n_items = n_items;
     pool.chunk = chunk;
     atomic_store(&pool.next, 0);
-    atomic_store(&pool.done, 0);
+    /* Open the job: workers that joined the previous one have all left (the caller waited for that). */
+    atomic_fetch_and_explicit(&pool.state, ~JOB_CLOSED, memory_order_release);
     pthread_mutex_lock(&pool.lock);
     atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
     run_share(0);
-    /* Yield now and then: on an oversubscribed machine the straggler may need this core. */
-    for (long spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.participants; spins++) {
+    /* Every item is claimed: close the job, then wait for the workers still running a claimed chunk.
+     * Yield now and then: on an oversubscribed machine the straggler may need this core. */
+    atomic_fetch_or_explicit(&pool.state, JOB_CLOSED, memory_order_acq_rel);
+    for (long spins = 0; (atomic_load_explicit(&pool.state, memory_order_acquire) & ~JOB_CLOSED) != 0; spins++) {
         if (spins % 256 == 255) sched_yield();
         else CPU_RELAX();
     }
