@@ -100,6 +100,22 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_validate(args: argparse.Namespace) -> dict:
+    from .validate import validate
+
+    res = validate(args.hf, args.gguf, args.lora, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+                   max_rows=args.rows, threads=args.threads)
+    out = {"summary": res["summary"]}
+    if args.json or args.verbose:
+        out["tensors"] = res["tensors"]
+    else:
+        lines = ["| tensor | type | rel. output error, GGUF | with adapter |", "|---|---|---:|---:|"]
+        for name, r in res["tensors"].items():
+            lines.append(f"| {name} | {r['qtype']} | {r['rel_err_quant']:.3e} | {r.get('rel_err_adapter', float('nan')):.3e} |")
+        out["table"] = "\n".join(lines)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from .pipeline import run_all
 
@@ -153,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int)
 
     def calib_options(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--calib", default="demo",
-                        help="calibration data: a .txt or .jsonl file, a built-in name (demo, arc_easy, "
-                             "arc_challenge, gsm8k) or a weighted mix like 'arc_easy:1,demo:1' (default: demo)")
+        sp.add_argument("--calib", default="demo,stories",
+                        help="calibration data: a .txt or .jsonl file, a built-in name (demo, stories, arc_easy, "
+                             "arc_challenge, gsm8k) or a weighted mix like 'arc_easy:1,demo:1' "
+                             "(default: demo,stories — SQuAD paragraphs and CoQA stories, equal parts)")
         sp.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
         sp.add_argument("--seqlen", type=int, default=512, help="tokens per sample (default 512)")
 
@@ -177,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eig-floor", type=float, default=1e-6,
                     help="covariance eigenvalues below this x the largest are lifted (ridge); default 1e-6")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
+
+    sp = verb("validate", cmd_validate, "run real activations through the native fused kernel: per-tensor output "
+                                       "error against the original weights, without and with the adapter")
+    sp.add_argument("--hf", required=True, metavar="HF_DIR")
+    sp.add_argument("--gguf", required=True, metavar="BASE.gguf")
+    sp.add_argument("--lora", required=True, metavar="ADAPTER.gguf")
+    sp.add_argument("--calib", default="demo", help="text to take activations from (a calibration spec)")
+    sp.add_argument("--samples", type=int, default=4)
+    sp.add_argument("--seqlen", type=int, default=256)
+    sp.add_argument("--rows", type=int, default=256, help="input rows sampled per tensor")
+    sp.add_argument("--threads", type=int)
 
     sp = verb("run", cmd_run, "all in one: convert -> quantize -> calibrate -> compensate -> llama-perplexity "
                              "with and without the adapter, with a summary table (no HF_DIR: the SmolLM2 demo)")

@@ -137,7 +137,7 @@ class _Solver:
 
 
 def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
-               rank: int, method: str = "eora", calib: str | None = "demo",
+               rank: int, method: str = "eora", calib: str | None = "demo,stories",
                stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None,
                samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str = "f16",
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
