@@ -196,8 +196,8 @@ def _floor(c: torch.Tensor, eig_floor: float, name: str | None) -> torch.Tensor:
     eye = torch.eye(c.shape[0], dtype=c.dtype)
     if int(torch.linalg.cholesky_ex(c - tau * eye)[1]) == 0:
         return c  # every eigenvalue is above the floor: exact EoRA
-    log.warning("%s: calibration covariance has eigenvalues below %.1e·λmax (fewer samples than the %d inputs, "
-                "or dead channels); adding the ridge %.3g·I — more calibration tokens remove this",
+    log.warning("%s: calibration covariance has eigenvalues below %.1e·λmax (fewer tokens than its %d inputs, "
+                "dead channels, or outlier channels that dominate λmax); adding the ridge %.3g·I",
                 _who(name), eig_floor, c.shape[0], tau)
     return c + tau * eye
 

@@ -195,7 +195,7 @@ def build_pinned(*, tools: Sequence[str] = TOOLS, progress: bool = True, extra_f
     jobs = str(os.cpu_count() or 2)
     configure = [cmake, "-S", str(src), "-B", str(build), *gen, *CMAKE_FLAGS, *extra_flags]
     compile_ = [cmake, "--build", str(build), "-j", jobs, "--target", *tools]
-    with open(log_path, "w") as logf:
+    with open(log_path, "w", buffering=1) as logf:  # line-buffered: the log can be followed while it builds
         log.info("building llama.cpp %s into %s (log: %s)", COMMIT, build, log_path)
         _run_logged(configure, logf, "configure llama.cpp", log_path, progress=False)
         _run_logged(compile_, logf, "build llama.cpp", log_path, progress=progress)
