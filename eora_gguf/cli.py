@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_human(result: dict) -> None:
     table = result.pop("table", None)
+    if table:
+        result.pop("rows", None)  # the table shows them
     for k, v in result.items():
         if isinstance(v, dict):
             print(f"{k}:")
