@@ -34,7 +34,7 @@ Verb = Callable[[argparse.Namespace], dict]
 def cmd_setup_llama_cpp(args: argparse.Namespace) -> dict:
     from . import llamacpp
 
-    if args.rebuild and not args.llama_cpp_dir_ok:
+    if args.rebuild and not os.environ.get("LLAMA_CPP_DIR"):
         llama = llamacpp.build_pinned(progress=not args.json)
     else:
         llama = llamacpp.locate(progress=not args.json)
@@ -247,7 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
-    args.llama_cpp_dir_ok = bool(os.environ.get("LLAMA_CPP_DIR"))
     signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
     try:
