@@ -339,11 +339,10 @@ _CHUNK = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf)")
 _N_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
 
 
-def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
-               lora: Sequence[str | os.PathLike[str]] = (), ctx: int = 512, chunks: int | None = None,
-               threads: int | None = None, batch: int | None = None, extra_args: Sequence[str] = (),
-               verbose: bool = False) -> Perplexity:
-    """llama-perplexity over a text file; returns the final estimate and the running per-chunk values."""
+def _perplexity_args(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
+                     lora: Sequence[str | os.PathLike[str]], ctx: int, chunks: int | None,
+                     threads: int | None) -> list[str | os.PathLike[str]]:
+    """llama-perplexity's command line for a model (+ adapters) over a text file, inputs checked first."""
     require_gguf(model)
     if not Path(text_file).is_file():
         raise EoraError(f"perplexity text {text_file} does not exist")
@@ -356,6 +355,15 @@ def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | 
         args += ["--chunks", str(chunks)]
     if threads:
         args += ["-t", str(threads)]
+    return args
+
+
+def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
+               lora: Sequence[str | os.PathLike[str]] = (), ctx: int = 512, chunks: int | None = None,
+               threads: int | None = None, batch: int | None = None, extra_args: Sequence[str] = (),
+               verbose: bool = False) -> Perplexity:
+    """llama-perplexity over a text file; returns the final estimate and the running per-chunk values."""
+    args = _perplexity_args(llama, model, text_file, lora=lora, ctx=ctx, chunks=chunks, threads=threads)
     if batch:
         args += ["-b", str(batch)]
     args += list(extra_args)
@@ -415,16 +423,7 @@ def token_logprobs(llama: LlamaCpp, model: str | os.PathLike[str], text_file: st
     Runs `llama-perplexity --kl-divergence-base out_file`; returns `read_logprobs_file(out_file)`:
     tokens (chunks, ctx) and logprobs (chunks*(ctx-1-ctx//2), n_vocab).
     """
-    require_gguf(model)
-    if not Path(text_file).is_file():
-        raise EoraError(f"text file {text_file} does not exist")
-    args: list[str | os.PathLike[str]] = [llama.tool("llama-perplexity"), "-m", model, "-f", text_file,
-                                          "-c", str(ctx), "--chunks", str(chunks), "--no-warmup"]
-    if threads:
-        args += ["-t", str(threads)]
-    for adapter in lora:
-        require_gguf(adapter)
-        args += ["--lora", adapter]
+    args = _perplexity_args(llama, model, text_file, lora=lora, ctx=ctx, chunks=chunks, threads=threads)
     with atomic_output(out_file, suffix=".bin") as tmp:
         run_tool([*args, "--kl-divergence-base", tmp], f"llama-perplexity --kl-divergence-base on {Path(model).name}")
         result = read_logprobs_file(tmp)
