@@ -22,7 +22,7 @@ from .errors import EoraError
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _LIB_NAMES = {"linux": "libeora_native.so", "darwin": "libeora_native.dylib", "win32": "eora_native.dll"}
 LIB_NAME = _LIB_NAMES.get(sys.platform, "libeora_native.so")
 HEADER_NAME = "eora_native.h"
@@ -57,8 +57,13 @@ class NativeMemoryError(NativeError, MemoryError):
     """Scratch allocation failed."""
 
 
+class NativeCudaError(NativeError, RuntimeError):
+    """CUDA not built into the library, no usable device, or a CUDA runtime error."""
+
+
 _STATUS_ERRORS: dict[int, type[NativeError]] = {
     1: NativeArgumentError, 2: NativeTypeError, 3: NativeShapeError, 4: NativeBufferError, 5: NativeMemoryError,
+    7: NativeCudaError,
 }
 
 
@@ -190,3 +195,17 @@ def check(status: int, what: str = "") -> None:
 def cpu_path() -> str:
     ffi, lib = ffi_lib()
     return ffi.string(lib.eora_cpu_path()).decode()
+
+
+def cuda_available() -> bool:
+    """True if the library loads, was built with CUDA, and a CUDA device is usable (never raises)."""
+    if not available():
+        return False
+    _, lib = ffi_lib()
+    return bool(lib.eora_cuda_available())
+
+
+def cuda_describe() -> str:
+    """One line: CUDA runtime, architectures built for, device (or why there is none)."""
+    ffi, lib = ffi_lib()
+    return ffi.string(lib.eora_cuda_describe()).decode(errors="replace")

@@ -15,6 +15,11 @@ normalized squared error nmse = sum((y - y_exact)^2) / sum(y_exact^2) of about
 Gaussian x; QUANTIZED_ACT_NMSE is the bound the tests enforce. One large outlier in a block coarsens that
 whole block, more so with 256-blocks. `f32_activations=True` (or `reference=True`) keeps x in fp32: nmse
 ~1e-12 relative to a float64 product.
+
+CUDA: when the inputs are torch CUDA tensors, `dequantize` and `fused_matmul` run the library's CUDA kernels
+on the tensors' device and its current stream and return CUDA tensors (fp32 throughout, x not quantized).
+`cuda_host=True` runs numpy/CPU inputs through the CUDA host-pointer entry points (copy in, run, copy out),
+for validation. `cuda_available()` says whether that can work here.
 """
 from __future__ import annotations
 
@@ -26,13 +31,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import _native
-from ._native import NativeError, NativeUnavailable, available
+from ._native import NativeError, NativeUnavailable, available, cuda_available, cuda_describe
 from .errors import EoraError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dequantize", "fused_matmul", "available", "NativeError", "NativeUnavailable", "SUPPORTED_TYPES",
-           "ADAPTER_TYPES", "QUANTIZED_ACT_NMSE", "block_info"]
+__all__ = ["dequantize", "fused_matmul", "available", "cuda_available", "cuda_describe", "NativeError",
+           "NativeUnavailable", "SUPPORTED_TYPES", "ADAPTER_TYPES", "QUANTIZED_ACT_NMSE", "block_info"]
 
 T = GGMLQuantizationType
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
@@ -81,12 +86,19 @@ def _buffer(ffi: Any, arr: np.ndarray | None) -> tuple[Any, int]:
     return ffi.cast("void *", ffi.from_buffer(arr)), arr.nbytes
 
 
-def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int], *, reference: bool = False) -> np.ndarray:
+def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int], *, reference: bool = False,
+               cuda_host: bool = False) -> Any:
     """Dequantize raw GGUF bytes of a tensor with numpy shape `shape` (last axis = row) to float32.
 
-    Bit-exact with `gguf.quants.dequantize`. `reference=True` runs the scalar C reference.
+    Bit-exact with `gguf.quants.dequantize`. `reference=True` runs the scalar C reference. A CUDA tensor `raw`
+    is dequantized on its device (returns a CUDA tensor); `cuda_host=True` sends numpy input through the CUDA
+    host entry point.
     """
     t = _qtype(qtype)
+    if _is_cuda(raw):
+        if reference or cuda_host:
+            raise EoraError("reference/cuda_host take CPU input; raw is a CUDA tensor (already on the GPU path)")
+        return _cuda_dequantize(raw, t, shape)
     arr = _as_numpy(raw, "raw")
     shape = tuple(int(s) for s in shape)
     n = int(np.prod(shape)) if shape else 1
@@ -100,9 +112,12 @@ def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int]
         raise EoraError(f"{t.name} tensor of shape {shape} needs {need} bytes, got {arr.nbytes}")
     ffi, lib = _native.ffi_lib()
     out = np.empty(shape, dtype=np.float32)
-    fn = lib.eora_dequantize_ref if reference else lib.eora_dequantize
+    if reference and cuda_host:
+        raise EoraError("pick one of reference and cuda_host")
+    fn = lib.eora_dequantize_ref if reference else lib.eora_cuda_dequantize_host if cuda_host else lib.eora_dequantize
     src, src_bytes = _buffer(ffi, arr)
-    _native.check(fn(int(t), src, src_bytes, n, ffi.cast("float *", ffi.from_buffer(out)), out.nbytes), "dequantize")
+    _native.check(fn(int(t), src, src_bytes, n, ffi.cast("float *", ffi.from_buffer(out)), out.nbytes),
+                  "cuda_dequantize" if cuda_host else "dequantize")
     return out
 
 
@@ -129,7 +144,7 @@ def _adapter_part(m: Any, given: GGMLQuantizationType | str | None, what: str) -
 def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int], x: Any, a: Any = None,
                  b: Any = None, *, threads: int | None = None, reference: bool = False,
                  a_type: GGMLQuantizationType | str | None = None, b_type: GGMLQuantizationType | str | None = None,
-                 f32_activations: bool = False, isa: str | None = None) -> Any:
+                 f32_activations: bool = False, isa: str | None = None, cuda_host: bool = False) -> Any:
     """y = dequant(W) x + B (A x) for every token (row) of x.
 
     w_raw: raw GGUF bytes of W, numpy shape `shape` = (d_out, d_in).   x: (n_tokens, d_in) or (d_in,).
@@ -137,11 +152,18 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
     for no adapter. Returns float32 (n_tokens, d_out) (or (d_out,)), a torch tensor if x was one.
     threads: None = all cores. reference: scalar C reference (fp64 accumulation). isa: "avx2"/"scalar" caps
     the instruction set (testing). f32_activations: skip the int8 activation quantization.
+    CUDA tensors (w_raw, x, a, b all on one device) run the CUDA kernels on the current stream of that device
+    and return a CUDA tensor (threads does not apply; fp32 throughout). cuda_host: run CPU input through the
+    CUDA host entry point (validation).
     """
     t = _qtype(qtype)
     if len(shape) != 2:
         raise EoraError(f"weight shape must be (d_out, d_in), got {tuple(shape)}")
     d_out, d_in = (int(s) for s in shape)
+    if any(_is_cuda(v) for v in (w_raw, x, a, b)):
+        if reference or cuda_host or isa is not None:
+            raise EoraError("reference, cuda_host and isa apply to CPU input; these tensors are on a CUDA device")
+        return _cuda_fused(w_raw, t, d_out, d_in, x, a, b, a_type, b_type)
     is_torch = hasattr(x, "detach")
     xs = _as_numpy(x, "x")
     squeeze = xs.ndim == 1
@@ -169,8 +191,12 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
     bp, bb = _buffer(ffi, bn)
     common = (int(t), wp, wb, d_out, d_in, ffi.cast("float *", ffi.from_buffer(xs)), xs.nbytes, xs.shape[0],
               int(at), ap, ab, int(bt), bp, bb, rank, ffi.cast("float *", ffi.from_buffer(y)), y.nbytes)
+    if reference and cuda_host:
+        raise EoraError("pick one of reference and cuda_host")
     if reference:
         _native.check(lib.eora_fused_matmul_ref(*common), "fused_matmul_ref")
+    elif cuda_host:
+        _native.check(lib.eora_cuda_fused_matmul_host(*common), "cuda_fused_matmul")
     else:
         flags = _ISA_FLAGS[isa] | (_FLAG_F32_ACT if f32_activations else 0)
         _native.check(lib.eora_fused_matmul(*common, threads or 0, flags), "fused_matmul")
@@ -180,3 +206,96 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
 
         return torch.from_numpy(out)
     return out
+
+
+# ---- CUDA tensors ----
+
+def _is_cuda(v: Any) -> bool:
+    return bool(getattr(v, "is_cuda", False))
+
+
+def _cuda_input(v: Any, what: str, device: Any) -> Any:
+    """v as a contiguous tensor on `device`; copied if its data pointer is not 16-byte aligned."""
+    if not _is_cuda(v):
+        raise EoraError(f"{what} is not a CUDA tensor: pass w_raw, x, a and b all on one CUDA device, or all on the CPU")
+    if v.device != device:
+        raise EoraError(f"{what} is on {v.device} but x is on {device}: put every input on one device")
+    v = v.detach().contiguous()
+    return v if v.data_ptr() % 16 == 0 else v.clone()
+
+
+def _stream_ptr(ffi: Any, device: Any) -> Any:
+    import torch
+
+    return ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+
+
+def _cuda_dequantize(raw: Any, t: GGMLQuantizationType, shape: Sequence[int]) -> Any:
+    import torch
+
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise EoraError(f"shape {shape} must have positive sizes")
+    raw = _cuda_input(raw, "raw", raw.device)
+    n = int(np.prod(shape))
+    ffi, lib = _native.ffi_lib()
+    out = torch.empty(shape, dtype=torch.float32, device=raw.device)
+    nbytes = raw.numel() * raw.element_size()
+    with torch.cuda.device(raw.device):
+        _native.check(lib.eora_cuda_dequantize(int(t), ffi.cast("void *", raw.data_ptr()), nbytes, n,
+                                               ffi.cast("float *", out.data_ptr()), out.numel() * 4,
+                                               _stream_ptr(ffi, raw.device)), "cuda_dequantize")
+    return out
+
+
+def _cuda_adapter_type(m: Any, given: GGMLQuantizationType | str | None, what: str) -> GGMLQuantizationType:
+    import torch
+
+    by_dtype = {torch.float32: T.F32, torch.float16: T.F16, torch.uint8: T.Q8_0}
+    if m.dim() != 2:
+        raise EoraError(f"{what} must be 2-D, got shape {tuple(m.shape)}")
+    if m.dtype not in by_dtype:
+        raise EoraError(f"{what} has dtype {m.dtype}: pass float32, float16 or Q8_0 bytes (uint8)")
+    t = _qtype(given, ADAPTER_TYPES, what) if given is not None else by_dtype[m.dtype]
+    if by_dtype[m.dtype] != t:
+        raise EoraError(f"{what} is {m.dtype} but its type is {t.name}")
+    return t
+
+
+def _cuda_fused(w_raw: Any, t: GGMLQuantizationType, d_out: int, d_in: int, x: Any, a: Any, b: Any,
+                a_type: GGMLQuantizationType | str | None, b_type: GGMLQuantizationType | str | None) -> Any:
+    import torch
+
+    if not _is_cuda(x):
+        raise EoraError("x is not a CUDA tensor: pass w_raw, x, a and b all on one CUDA device, or all on the CPU")
+    device = x.device
+    squeeze = x.dim() == 1
+    xs = _cuda_input(x.reshape(1, -1) if squeeze else x, "x", device).to(torch.float32)
+    if xs.dim() != 2 or xs.shape[1] != d_in:
+        raise EoraError(f"x has shape {tuple(xs.shape)}, expected (n_tokens, {d_in})")
+    w = _cuda_input(w_raw, "w_raw", device)
+    if (a is None) != (b is None):
+        raise EoraError("pass both a and b for an adapter, or neither")
+    ffi, lib = _native.ffi_lib()
+    rank, at, bt = 0, T.F32, T.F32
+    ap = bp = ffi.NULL
+    an = bn = 0
+    if a is not None:
+        a = _cuda_input(a, "a", device)
+        b = _cuda_input(b, "b", device)
+        at, bt = _cuda_adapter_type(a, a_type, "a"), _cuda_adapter_type(b, b_type, "b")
+        rank = a.shape[0]
+        ap, an = ffi.cast("void *", a.data_ptr()), a.numel() * a.element_size()
+        bp, bn = ffi.cast("void *", b.data_ptr()), b.numel() * b.element_size()
+    n = xs.shape[0]
+    y = torch.empty((n, d_out), dtype=torch.float32, device=device)
+    ws_bytes = ffi.new("size_t *")
+    _native.check(lib.eora_cuda_workspace_bytes(d_in, n, rank, ws_bytes), "cuda_fused_matmul")
+    ws = torch.empty(max(int(ws_bytes[0]), 1), dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):
+        _native.check(lib.eora_cuda_fused_matmul(
+            int(t), ffi.cast("void *", w.data_ptr()), w.numel() * w.element_size(), d_out, d_in,
+            ffi.cast("float *", xs.data_ptr()), xs.numel() * 4, n, int(at), ap, an, int(bt), bp, bn, rank,
+            ffi.cast("float *", y.data_ptr()), y.numel() * 4, ffi.cast("void *", ws.data_ptr()), ws.numel(),
+            _stream_ptr(ffi, device)), "cuda_fused_matmul")
+    return y[0] if squeeze else y

@@ -2,7 +2,7 @@
  *
  *     y = dequant(Wq) . x + B . (A . x)
  *
- * on the CPU. This is the only public header; Python reads the declarations between the cffi markers
+ * on the CPU and, where built with CUDA, on NVIDIA GPUs. This is the only public header; Python reads the declarations between the cffi markers
  * below (preprocessor lines and EORA_API are stripped), so keep them plain C that cffi can parse.
  *
  * Conventions
@@ -31,7 +31,7 @@
 #  define EORA_API __attribute__((visibility("default")))
 #endif
 
-#define EORA_ABI_VERSION 1
+#define EORA_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -45,7 +45,8 @@ typedef enum {
     EORA_ERR_SHAPE = 3,        /* zero/negative size, row not a multiple of the block, rank too large */
     EORA_ERR_BUFFER = 4,       /* a buffer is shorter than its shape needs */
     EORA_ERR_MEMORY = 5,       /* scratch allocation failed */
-    EORA_ERR_INTERNAL = 6      /* thread start failure or a bug */
+    EORA_ERR_INTERNAL = 6,     /* thread start failure or a bug */
+    EORA_ERR_CUDA = 7          /* built without CUDA, no usable device, or a CUDA runtime error */
 } eora_status;
 
 typedef enum {
@@ -103,6 +104,86 @@ EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes
                                        int a_type, const void *a, size_t a_bytes,
                                        int b_type, const void *b, size_t b_bytes, int64_t rank,
                                        float *y, size_t y_bytes, int n_threads, unsigned flags);
+
+/* Rows [row_begin, row_end) of the fused product on the calling thread only, with t = A.x given; for callers
+ * that bring their own threads (the llama.cpp patch: each ggml thread takes one range of rows):
+ *     y[n, o] = sum_i W[o, i] x[n, i] + t_scale * sum_k B[o, k] t[n, k]      row_begin <= o < row_end
+ *  w, x, b as for eora_fused_matmul; t: (n_tokens, rank) fp32; rank 0 means no adapter (b, t may be NULL).
+ *  y is the whole (n_tokens, d_out) output; only the given rows are written.
+ *  scratch: at least eora_fused_rows_scratch(w_type, d_in, n_tokens, rank, flags) bytes, 64-byte aligned,
+ *  private to the call (each call quantizes x itself, n_tokens * d_in work: give it few, large ranges).
+ * Same arithmetic as eora_fused_matmul (flags alike). The _ref variant is the scalar reference (fp32
+ * dequantization, fp64 accumulation) and needs no scratch. */
+EORA_API size_t eora_fused_rows_scratch(int w_type, int64_t d_in, int64_t n_tokens, int64_t rank, unsigned flags);
+EORA_API eora_status eora_fused_rows_ref(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
+                                         const float *x, size_t x_bytes, int64_t n_tokens,
+                                         int b_type, const void *b, size_t b_bytes, const float *t, size_t t_bytes,
+                                         int64_t rank, float t_scale, int64_t row_begin, int64_t row_end,
+                                         float *y, size_t y_bytes);
+EORA_API eora_status eora_fused_rows(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
+                                     const float *x, size_t x_bytes, int64_t n_tokens,
+                                     int b_type, const void *b, size_t b_bytes, const float *t, size_t t_bytes,
+                                     int64_t rank, float t_scale, int64_t row_begin, int64_t row_end,
+                                     float *y, size_t y_bytes, void *scratch, size_t scratch_bytes, unsigned flags);
+
+/* The adapter term alone, added in place, for rows [row_begin, row_end) on the calling thread:
+ *     y[n, o] += t_scale * sum_k B[o, k] t[n, k]
+ * b: (d_out, rank) F32, F16 or Q8_0; t: (n_tokens, rank) fp32; y: (n_tokens, d_out) fp32 (for a base product
+ * computed elsewhere, e.g. by ggml for a weight type without a direct kernel). Flags: the ISA caps only. */
+EORA_API eora_status eora_adapter_rows(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
+                                       const float *t, size_t t_bytes, int64_t n_tokens, float t_scale,
+                                       int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, unsigned flags);
+
+/* t = A.x on the calling thread: t[n, k] = sum_i A[k, i] x[n, i] in fp32, A (rank, d_in) F32, F16 or Q8_0 read
+ * in place, x (n_tokens, d_in), t (n_tokens, rank). For a few tokens, where each thread of a caller's pool
+ * computing all of t is cheaper than a synchronization point. Flags: the ISA caps only. */
+EORA_API eora_status eora_adapter_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
+                                    const float *x, size_t x_bytes, int64_t n_tokens, float *t, size_t t_bytes,
+                                    unsigned flags);
+
+/* ---- CUDA ----
+ * Present in every build. Without CUDA support (built without nvcc) or without a usable device/driver,
+ * eora_cuda_available() returns 0 and every other call returns EORA_ERR_CUDA; nothing needs libcuda at
+ * load time (the CUDA runtime is linked statically and finds the driver on first use).
+ * Device variants take device pointers and run asynchronously on `stream` (a cudaStream_t; NULL = the
+ * legacy default stream) on the current device. Arguments are checked as for eora_fused_matmul, plus:
+ * x 16-byte aligned, y 4-byte, w/a/b 2-byte; pointers must be device (or managed) memory; float weights
+ * (F32/F16/BF16) need d_in % 32 == 0. Arithmetic is fp32 throughout (x is not quantized): the result
+ * matches eora_fused_matmul_ref to fp32 summation error. Host variants copy their inputs to the device,
+ * run, copy the result back and wait: for validation, not for speed. */
+
+/* 1 if the library has CUDA kernels and a device is usable; 0 otherwise. Never fails. */
+EORA_API int eora_cuda_available(void);
+
+/* One line: runtime version, architectures built for, and the device or why there is none. */
+EORA_API const char *eora_cuda_describe(void);
+
+/* Compute capability, SM count and theoretical memory bandwidth (GB/s, 0 if unknown) of the current device. */
+EORA_API eora_status eora_cuda_device_props(int *cc_major, int *cc_minor, int *sm_count, double *peak_gbps);
+
+/* Bytes of device workspace eora_cuda_fused_matmul may use for these sizes (0 for rank 0). */
+EORA_API eora_status eora_cuda_workspace_bytes(int64_t d_in, int64_t n_tokens, int64_t rank, size_t *bytes);
+
+/* Dequantization on the device; bit-exact with eora_dequantize_ref. */
+EORA_API eora_status eora_cuda_dequantize(int type, const void *src, size_t src_bytes, int64_t n_elems,
+                                          float *dst, size_t dst_bytes, void *stream);
+EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t src_bytes, int64_t n_elems,
+                                               float *dst, size_t dst_bytes);
+
+/* The fused product on the device, shapes and types as eora_fused_matmul (any weight type above).
+ * workspace: device memory of eora_cuda_workspace_bytes() bytes, or NULL to allocate stream-ordered
+ * (cudaMallocAsync) per call. */
+EORA_API eora_status eora_cuda_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
+                                            const float *x, size_t x_bytes, int64_t n_tokens,
+                                            int a_type, const void *a, size_t a_bytes,
+                                            int b_type, const void *b, size_t b_bytes, int64_t rank,
+                                            float *y, size_t y_bytes, void *workspace, size_t workspace_bytes,
+                                            void *stream);
+EORA_API eora_status eora_cuda_fused_matmul_host(int w_type, const void *w, size_t w_bytes, int64_t d_out,
+                                                 int64_t d_in, const float *x, size_t x_bytes, int64_t n_tokens,
+                                                 int a_type, const void *a, size_t a_bytes,
+                                                 int b_type, const void *b, size_t b_bytes, int64_t rank,
+                                                 float *y, size_t y_bytes);
 /* cffi-end */
 
 #ifdef __cplusplus
