@@ -96,8 +96,16 @@ def pinned_root() -> Path:
     return cache_dir() / f"llama.cpp-{COMMIT}"
 
 
-def locate(*, build: bool = True, tools: Sequence[str] = TOOLS, progress: bool = True) -> LlamaCpp:
-    """Return the llama.cpp to use: LLAMA_CPP_DIR if set, else the pinned build (built now if `build`)."""
+def locate(*, build: bool = True, tools: Sequence[str] | None = None, progress: bool = True,
+           patched: bool = False) -> LlamaCpp:
+    """Return the llama.cpp to use: LLAMA_CPP_DIR if set, else the pinned build (built now if `build`).
+
+    patched: the pinned llama.cpp with eora-gguf's fused-LoRA patch (`build_patched`); LLAMA_CPP_DIR does not
+    apply to it.
+    """
+    if patched:
+        return locate_patched(build=build, tools=PATCHED_TOOLS if tools is None else tools, progress=progress)
+    tools = TOOLS if tools is None else tools
     user = os.environ.get("LLAMA_CPP_DIR")
     if user:
         return _from_user_dir(Path(user).expanduser(), tools)
@@ -127,7 +135,7 @@ def _from_user_dir(path: Path, tools: Sequence[str]) -> LlamaCpp:
     return LlamaCpp(bin_dir=bin_dir, source_dir=source, origin="LLAMA_CPP_DIR")
 
 
-def _finished_build(root: Path, tools: Sequence[str]) -> LlamaCpp | None:
+def _finished_build(root: Path, tools: Sequence[str], origin: str = "pinned") -> LlamaCpp | None:
     stamp = root / "build" / "eora-gguf-build.json"
     if not stamp.is_file():
         return None
@@ -135,7 +143,7 @@ def _finished_build(root: Path, tools: Sequence[str]) -> LlamaCpp | None:
     bin_dir = root / "build" / "bin"
     if info.get("commit") != COMMIT or any(not (bin_dir / t).is_file() for t in tools):
         return None
-    return LlamaCpp(bin_dir=bin_dir, source_dir=root / "src")
+    return LlamaCpp(bin_dir=bin_dir, source_dir=root / "src", origin=origin)
 
 
 def fetch_source() -> Path:
@@ -184,9 +192,14 @@ def _check_toolchain() -> tuple[str, str | None]:
 
 def build_pinned(*, tools: Sequence[str] = TOOLS, progress: bool = True, extra_flags: Sequence[str] = ()) -> LlamaCpp:
     """Configure and build the pinned llama.cpp's tools; the log goes to `<build>/eora-gguf-build.log`."""
+    return _build_tree(pinned_root(), fetch_source(), tools=tools, progress=progress, extra_flags=extra_flags)
+
+
+def _build_tree(root: Path, src: Path, *, tools: Sequence[str], progress: bool, extra_flags: Sequence[str] = (),
+                origin: str = "pinned", stamp_extra: dict[str, str] | None = None, nice: bool = False) -> LlamaCpp:
+    """Configure and build llama.cpp from `src` into `<root>/build`; a stamp file marks it finished."""
     cmake, ninja = _check_toolchain()
-    src = fetch_source()
-    build = pinned_root() / "build"
+    build = root / "build"
     build.mkdir(parents=True, exist_ok=True)
     stamp = build / "eora-gguf-build.json"
     stamp.unlink(missing_ok=True)
@@ -195,15 +208,119 @@ def build_pinned(*, tools: Sequence[str] = TOOLS, progress: bool = True, extra_f
     jobs = str(os.cpu_count() or 2)
     configure = [cmake, "-S", str(src), "-B", str(build), *gen, *CMAKE_FLAGS, *extra_flags]
     compile_ = [cmake, "--build", str(build), "-j", jobs, "--target", *tools]
+    if nice and shutil.which("nice"):  # long builds on a shared machine
+        compile_ = ["nice", "-n", "10", *compile_]
     with open(log_path, "w", buffering=1) as logf:  # line-buffered: the log can be followed while it builds
         log.info("building llama.cpp %s into %s (log: %s)", COMMIT, build, log_path)
         _run_logged(configure, logf, "configure llama.cpp", log_path, progress=False)
         _run_logged(compile_, logf, "build llama.cpp", log_path, progress=progress)
-    stamp.write_text(json.dumps({"commit": COMMIT, "tools": list(tools), "flags": list(CMAKE_FLAGS) + list(extra_flags)}))
-    found = _finished_build(pinned_root(), tools)
+    stamp.write_text(json.dumps({"commit": COMMIT, "tools": list(tools), "flags": list(CMAKE_FLAGS) + list(extra_flags),
+                                 **(stamp_extra or {})}))
+    found = _finished_build(root, tools, origin)
     if found is None:
         raise EoraError(f"llama.cpp built but tools are missing in {build / 'bin'}: see {log_path}")
     return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the patched build: pinned llama.cpp + native/llama.cpp/eora.patch, linking libeora_native built from native/
+
+PATCHED_TOOLS = ("llama-perplexity", "llama-completion", "llama-cli", "llama-server", "llama-bench")
+_NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
+PATCH_FILE = _NATIVE_DIR / "llama.cpp" / "eora.patch"
+
+
+def _native_sources() -> list[Path]:
+    if not PATCH_FILE.is_file() or not (_NATIVE_DIR / "CMakeLists.txt").is_file():
+        raise EoraError(f"the patched llama.cpp needs eora-gguf's source tree ({PATCH_FILE} and {_NATIVE_DIR}/"
+                        "CMakeLists.txt not found): install eora-gguf from a checkout (`pip install -e .`)")
+    keep = {".c", ".h", ".cpp", ".cu", ".cuh", ".patch", ".txt", ".cmake", ".in"}  # not the docs
+    return sorted(p for p in _NATIVE_DIR.rglob("*") if p.is_file() and p.suffix in keep)
+
+
+def patch_hash() -> str:
+    """Short hash of the patch and the native sources: names the patched build's cache folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in _native_sources():
+        h.update(str(p.relative_to(_NATIVE_DIR)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:10]
+
+
+def patched_root() -> Path:
+    return cache_dir() / f"llama.cpp-{COMMIT}-eora-{patch_hash()}"
+
+
+def locate_patched(*, build: bool = True, tools: Sequence[str] = PATCHED_TOOLS, progress: bool = True) -> LlamaCpp:
+    """The patched build for the current patch + native sources (built now if `build`).
+
+    EORA_GGUF_PATCHED_DIR points at another patched build instead (a folder with build/bin or bin).
+    """
+    user = os.environ.get("EORA_GGUF_PATCHED_DIR")
+    if user:
+        path = Path(user).expanduser()
+        bin_dir = next((c for c in (path / "build" / "bin", path / "bin", path) if (c / tools[0]).is_file()), None)
+        if bin_dir is None:
+            raise EoraError(f"EORA_GGUF_PATCHED_DIR={path} holds no {tools[0]} (looked in build/bin, bin and "
+                            "the folder itself): point it at a patched llama.cpp build")
+        return LlamaCpp(bin_dir=bin_dir, source_dir=path / "src" if (path / "src").is_dir() else fetch_source(),
+                        origin="patched")
+    root = patched_root()
+    found = _finished_build(root, tools, "patched")
+    if found:
+        return found
+    if not build:
+        raise EoraError(f"the patched llama.cpp is not built yet: run `eora-gguf setup-llama-cpp --patched` "
+                        f"(builds into {root})")
+    with locked(root.name):
+        return _finished_build(root, tools, "patched") or build_patched(tools=tools, progress=progress)
+
+
+def build_patched(*, tools: Sequence[str] = PATCHED_TOOLS, progress: bool = True) -> LlamaCpp:
+    """Copy the pinned source, apply native/llama.cpp/eora.patch, copy native/ beside it, build (niced).
+
+    The stock build and its source are never modified. The folder name carries `patch_hash()`, so editing the
+    patch or the kernels gives a new build; the log goes to `<root>/build/eora-gguf-build.log`.
+    """
+    root = patched_root()
+    stock_src = fetch_source()
+    src, native = root / "src", root / "eora-native"
+    if not (src / ".eora-patched").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".src.", dir=root))
+        try:
+            shutil.copytree(stock_src, tmp / "src", symlinks=True)
+            _apply_patch(PATCH_FILE, tmp / "src")
+            (tmp / "src" / ".eora-patched").write_text(patch_hash() + "\n")
+            shutil.rmtree(src, ignore_errors=True)
+            os.replace(tmp / "src", src)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # a private copy of native/ so the build does not follow later edits of the checkout
+    shutil.rmtree(native, ignore_errors=True)
+    shutil.copytree(_NATIVE_DIR, native, ignore=shutil.ignore_patterns("llama.cpp", "__pycache__"))
+    return _build_tree(root, src, tools=tools, progress=progress, origin="patched", nice=True,
+                       extra_flags=[f"-DLLAMA_EORA_NATIVE_DIR={native}"], stamp_extra={"eora": patch_hash()})
+
+
+def _apply_patch(patch: Path, tree: Path) -> None:
+    """Apply a -p1 diff to `tree` (checked with a dry run first, so a failure leaves nothing half-applied)."""
+    tool = shutil.which("patch")
+    if tool:
+        dry = [tool, "-p1", "--dry-run", "--batch", "--forward", "-d", str(tree), "-i", str(patch)]
+        real = dry[:2] + dry[3:]
+    elif shutil.which("git"):
+        dry = ["git", "apply", "--check", "-p1", str(patch)]
+        real = ["git", "apply", "-p1", str(patch)]
+    else:
+        raise EoraError("neither `patch` nor `git` found: install one (`apt-get install patch`) to build the "
+                        "patched llama.cpp")
+    for cmd in (dry, real):
+        res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise EoraError(f"{patch.name} does not apply to llama.cpp {COMMIT} in {tree}: "
+                            f"{_last_error_line(res.stdout + res.stderr)}")
 
 
 _STEP = re.compile(r"^\[\s*(\d+)/(\d+)\]|^\[\s*(\d+)%\]")
