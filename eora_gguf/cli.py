@@ -34,12 +34,15 @@ Verb = Callable[[argparse.Namespace], dict]
 def cmd_setup_llama_cpp(args: argparse.Namespace) -> dict:
     from . import llamacpp
 
-    if args.rebuild and not os.environ.get("LLAMA_CPP_DIR"):
+    if args.patched:  # the fused-LoRA build (native/llama.cpp/), beside the stock one
+        llama = (llamacpp.build_patched(progress=not args.json) if args.rebuild
+                 else llamacpp.locate(patched=True, progress=not args.json))
+    elif args.rebuild and not os.environ.get("LLAMA_CPP_DIR"):
         llama = llamacpp.build_pinned(progress=not args.json)
     else:
         llama = llamacpp.locate(progress=not args.json)
     return {"bin_dir": str(llama.bin_dir), "source_dir": str(llama.source_dir), "origin": llama.origin,
-            "commit": llamacpp.COMMIT if llama.origin == "pinned" else None}
+            "commit": llamacpp.COMMIT if llama.origin in ("pinned", "patched") else None}
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> dict:
@@ -122,6 +125,33 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return run_all(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from . import assets, llamacpp
+    from .evaluate import evaluate, format_result
+    from .tasks import parse_tasks
+
+    task_names = parse_tasks(args.tasks) if args.tasks else []
+    ppl = args.ppl if args.ppl or task_names else "eval"
+    llama = llamacpp.locate(progress=not args.json)
+    res = evaluate(args.model, lora=args.lora or (), ppl_text=assets.text_file(ppl) if ppl else None,
+                   ctx=args.ctx, chunks=args.chunks or None, task_names=task_names, limit=args.limit,
+                   threads=args.threads, gsm8k_max_new=args.max_new, llama=llama, verbose=args.verbose)
+    if args.output:
+        from .errors import atomic_output
+
+        with atomic_output(args.output) as tmp:
+            tmp.write_text(json.dumps(res, indent=1))
+    if not args.json:
+        return {"table": format_result(res)}
+    return res
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    from .report import load_sweep, write_report
+
+    return write_report(load_sweep(args.sweep), args.output, title=args.title)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # parser
 
@@ -144,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("setup-llama-cpp", cmd_setup_llama_cpp,
               "locate or build the pinned llama.cpp (commit 0c1e57098), or check LLAMA_CPP_DIR")
     sp.add_argument("--rebuild", action="store_true", help="rebuild the pinned llama.cpp even if cached")
+    sp.add_argument("--patched", action="store_true",
+                    help="the pinned llama.cpp with eora-gguf's fused LoRA kernel (native/llama.cpp/); the stock "
+                         "build stays the default everywhere")
 
     sp = verb("fetch-demo", cmd_fetch_demo, "fetch SmolLM2-135M-Instruct and the demo data sets into the cache")
     sp.add_argument("--force", action="store_true", help="fetch and rebuild everything again")
@@ -206,20 +239,53 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rows", type=int, default=256, help="input rows sampled per tensor")
     sp.add_argument("--threads", type=int)
 
+    def pipeline_options(sp: argparse.ArgumentParser, *, rank: str, method: str, tasks: str | None) -> None:
+        sp.add_argument("hf_dir", nargs="?", metavar="HF_DIR")
+        sp.add_argument("--quant", default="Q4_K_M,Q3_K_M,Q2_K", help="comma-separated quant types")
+        sp.add_argument("--rank", default=rank, help=f"comma-separated ranks; 0 = no adapter (default {rank})")
+        sp.add_argument("--method", default=method,
+                        help=f"comma-separated methods: eora, svd, diag (default {method})")
+        sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
+        calib_options(sp)
+        sp.add_argument("--workdir", default="eora-out", help="where GGUFs and the summary go (default ./eora-out)")
+        sp.add_argument("--text", default="eval", help="perplexity text (default: built-in 'eval', LAMBADA)")
+        sp.add_argument("--ctx", type=int, default=512)
+        sp.add_argument("--chunks", type=int, default=32)
+        sp.add_argument("--tasks", default=tasks,
+                        help="comma-separated tasks evaluated for every configuration: arc_easy, arc_challenge, "
+                             f"gsm8k, ... (default {tasks or 'none'})")
+        sp.add_argument("--limit", type=int, help="first N items of each task (default: all)")
+        sp.add_argument("--threads", type=int)
+        sp.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+
     sp = verb("run", cmd_run, "all in one: convert -> quantize -> calibrate -> compensate -> llama-perplexity "
                              "with and without the adapter, with a summary table (no HF_DIR: the SmolLM2 demo)")
-    sp.add_argument("hf_dir", nargs="?", metavar="HF_DIR")
-    sp.add_argument("--quant", default="Q4_K_M,Q3_K_M,Q2_K", help="comma-separated quant types")
-    sp.add_argument("--rank", default="64", help="comma-separated ranks; 0 = no adapter (default 64)")
-    sp.add_argument("--method", default="eora", help="comma-separated methods: eora, svd, diag (default eora)")
-    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
-    calib_options(sp)
-    sp.add_argument("--workdir", default="eora-out", help="where GGUFs and the summary go (default ./eora-out)")
-    sp.add_argument("--text", default="eval", help="perplexity text (default: built-in 'eval', LAMBADA)")
-    sp.add_argument("--ctx", type=int, default=512)
-    sp.add_argument("--chunks", type=int, default=32)
+    pipeline_options(sp, rank="64", method="eora", tasks=None)
+
+    sp = verb("eval", cmd_eval, "perplexity and zero-shot task accuracy of a GGUF model (+ adapters) through "
+                               "llama.cpp")
+    sp.add_argument("--model", required=True, metavar="BASE.gguf")
+    sp.add_argument("--lora", action="append", metavar="ADAPTER.gguf")
+    sp.add_argument("--ppl", metavar="FILE", help="perplexity text: a file or built-in 'eval' / 'demo' (default "
+                                                  "'eval' when no --tasks are given)")
+    sp.add_argument("--ctx", type=int, default=512, help="perplexity context (default 512)")
+    sp.add_argument("--chunks", type=int, default=32, help="perplexity chunks (default 32; 0 = the whole text)")
+    sp.add_argument("--tasks", help="comma-separated: arc_easy, arc_challenge (test sets), arc_easy_val, "
+                                    "arc_challenge_val, gsm8k")
+    sp.add_argument("--limit", type=int, help="first N items of each task (default: all)")
+    sp.add_argument("--max-new", type=int, default=256, help="GSM8K: most tokens generated per answer")
     sp.add_argument("--threads", type=int)
-    sp.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    sp.add_argument("-o", "--output", metavar="RESULT.json", help="also write the result here")
+
+    sp = verb("sweep", cmd_run, "quant types x ranks x methods, reusing one calibration: perplexity and task "
+                               "accuracy of each, written to <workdir>/<model>/sweep.json (then `report`)")
+    pipeline_options(sp, rank="0,16,64", method="eora,svd", tasks="arc_easy,arc_challenge")
+
+    sp = verb("report", cmd_report, "Markdown + JSON tables and a Pareto plot (bits per weight vs perplexity and "
+                                   "accuracy) from a sweep")
+    sp.add_argument("sweep", metavar="SWEEP.json", help="the sweep.json (or its folder) that `sweep` wrote")
+    sp.add_argument("-o", "--output", default="eora-report", metavar="DIR", help="output folder (default ./eora-report)")
+    sp.add_argument("--title", help="model name shown in the report")
     return p
 
 

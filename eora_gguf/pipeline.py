@@ -50,6 +50,7 @@ def run_all(args: argparse.Namespace) -> dict:
         if r:
             compensate.check_rank(names, r)
 
+    task_names, limit = _task_options(args)
     llama = llamacpp.locate(progress=not args.json)
     work = Path(args.workdir) / hf_dir.name
     work.mkdir(parents=True, exist_ok=True)
@@ -78,17 +79,15 @@ def run_all(args: argparse.Namespace) -> dict:
             log.info("calibrating on %s (%d x %d tokens)", args.calib, args.samples, args.seqlen)
             compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen).save(stats_file)
 
-    def ppl(model: Path, lora: list[Path]) -> llamacpp.Perplexity:
-        log.info("llama-perplexity %s%s (%d chunks of %d tokens)", model.name,
-                 f" + {lora[0].name}" if lora else "", args.chunks, args.ctx)
-        return llamacpp.perplexity(llama, model, text, lora=lora, ctx=args.ctx, chunks=args.chunks,
-                                   threads=args.threads, verbose=args.verbose)
+    def measure(model: Path, lora: list[Path]) -> dict:
+        return _evaluate_cached(work, model, lora, text, args, llama)
 
-    f16 = ppl(base, [])
-    rows = [_row("F16", "-", 0, f16, base, None, n_weights, f16.ppl, None)]
+    f16 = measure(base, [])
+    ppl_f16 = f16["perplexity"]["ppl"]
+    rows = [_row("F16", "-", 0, f16, base, None, n_weights, None, None)]
     for q in quants:
-        plain = ppl(quant_files[q], [])
-        rows.append(_row(q, "-", 0, plain, quant_files[q], None, n_weights, f16.ppl, plain.ppl))
+        plain = measure(quant_files[q], [])
+        rows.append(_row(q, "-", 0, plain, quant_files[q], None, n_weights, None, None))
         for method in methods:
             adapters = {r: work / f"adapter-{q}-{method}-r{r}-{args.adapter_type}.gguf" for r in ranks if r}
             if adapters and any(fresh(p) for p in adapters.values()):
@@ -98,13 +97,14 @@ def run_all(args: argparse.Namespace) -> dict:
                                       stats=stats_file, adapter_type=args.adapter_type,
                                       also={r: p for r, p in adapters.items() if r != top})
             for rank, adapter in adapters.items():
-                res = ppl(quant_files[q], [adapter])
-                rows.append(_row(q, method, rank, res, quant_files[q], adapter, n_weights, f16.ppl, plain.ppl))
+                res = measure(quant_files[q], [adapter])
+                rows.append(_row(q, method, rank, res, quant_files[q], adapter, n_weights, f16, plain))
 
-    summary = {"hf_dir": str(hf_dir), "text": str(text), "ctx": args.ctx, "chunks": args.chunks,
-               "calib": args.calib, "calib_tokens": args.samples * args.seqlen if stats_file else 0,
-               "n_weights": n_weights, "rows": rows}
-    out_json = work / "summary.json"
+    summary = {"hf_dir": str(hf_dir), "model_name": hf_dir.name, "text": str(text), "ctx": args.ctx,
+               "chunks": args.chunks, "calib": args.calib,
+               "calib_tokens": args.samples * args.seqlen if stats_file else 0, "tasks": task_names,
+               "limit": limit, "n_weights": n_weights, "ppl_f16": ppl_f16, "rows": rows}
+    out_json = work / ("sweep.json" if task_names else "summary.json")
     with atomic_output(out_json) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     summary["summary_file"] = str(out_json)
@@ -112,24 +112,73 @@ def run_all(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _row(quant: str, method: str, rank: int, res: llamacpp.Perplexity, model: Path, adapter: Path | None,
-         n_weights: int, ppl_f16: float, ppl_quant: float | None) -> dict:
+def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args: argparse.Namespace,
+                     llama: llamacpp.LlamaCpp) -> dict:
+    """`evaluate.evaluate` of one configuration, reused from `<work>/eval/` while its inputs are unchanged."""
+    from .evaluate import evaluate
+
+    task_names, limit = _task_options(args)
+    files = [model, *lora, text]
+    key_src = json.dumps({"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                          "ctx": args.ctx, "chunks": args.chunks, "tasks": task_names, "limit": limit})
+    cache = work / "eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:16] + ".json")
+    if cache.is_file() and not args.force:
+        return json.loads(cache.read_text())
+    log.info("evaluating %s%s", model.name, f" + {lora[0].name}" if lora else "")
+    res = evaluate(model, lora=lora, ppl_text=text, ctx=args.ctx, chunks=args.chunks, task_names=task_names,
+                   limit=limit, threads=args.threads, llama=llama, verbose=args.verbose)
+    cache.parent.mkdir(exist_ok=True)
+    with atomic_output(cache) as tmp:
+        tmp.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _task_options(args: argparse.Namespace) -> tuple[list[str], int | None]:
+    from .tasks import parse_tasks
+
+    spec = getattr(args, "tasks", None)
+    return (parse_tasks(spec) if spec else []), getattr(args, "limit", None)
+
+
+def _row(quant: str, method: str, rank: int, res: dict, model: Path, adapter: Path | None, n_weights: int,
+         f16: dict | None, plain: dict | None) -> dict:
+    """One configuration's results; `gap_recovered_pct` per metric: share of the F16-vs-plain-quant gap closed."""
     model_bytes = model.stat().st_size
     adapter_bytes = adapter.stat().st_size if adapter else 0
-    gap = None
-    if ppl_quant is not None and ppl_quant != ppl_f16 and adapter is not None:
-        gap = 100.0 * (ppl_quant - res.ppl) / (ppl_quant - ppl_f16)
-    return {"quant": quant, "method": method, "rank": rank, "ppl": res.ppl, "ppl_stderr": res.stderr,
-            "model_bytes": model_bytes, "adapter_bytes": adapter_bytes,
-            "bpw": 8.0 * (model_bytes + adapter_bytes) / n_weights, "gap_recovered_pct": gap,
-            "model": str(model), "adapter": str(adapter) if adapter else None}
+    ppl = res["perplexity"]
+    row = {"quant": quant, "method": method, "rank": rank, "ppl": ppl["ppl"], "ppl_stderr": ppl["stderr"],
+           "model_bytes": model_bytes, "adapter_bytes": adapter_bytes,
+           "bpw": 8.0 * (model_bytes + adapter_bytes) / n_weights, "gap_recovered_pct": None,
+           "tasks": res.get("tasks", {}), "gap_recovered_tasks": {},
+           "model": str(model), "adapter": str(adapter) if adapter else None}
+    if f16 is not None and plain is not None:
+        row["gap_recovered_pct"] = _gap(f16["perplexity"]["ppl"], plain["perplexity"]["ppl"], ppl["ppl"])
+        for name, m in row["tasks"].items():
+            metric = "acc_norm" if "acc_norm" in m else "exact_match"
+            if name in f16.get("tasks", {}) and name in plain.get("tasks", {}):
+                row["gap_recovered_tasks"][name] = _gap(f16["tasks"][name][metric], plain["tasks"][name][metric],
+                                                        m[metric])
+    return row
+
+
+def _gap(reference: float, quantized: float, compensated: float) -> float | None:
+    """Percent of (quantized - reference) removed by compensation; None when there is no gap to close."""
+    if abs(quantized - reference) < 1e-12:
+        return None
+    return 100.0 * (quantized - compensated) / (quantized - reference)
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | method | rank | perplexity | model MB | adapter MB | bits/weight (incl. adapter) "
-             "| gap recovered |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of the rows: perplexity, each task's accuracy, sizes and the gap recovered."""
+    task_cols = [(name, "acc_norm" if "acc_norm" in m else "exact_match")
+                 for name, m in (rows[0].get("tasks") or {}).items()] if rows else []
+    head = ["model", "method", "rank", "perplexity"] + [f"{n} {m}" for n, m in task_cols] + \
+        ["model MB", "adapter MB", "bits/weight (incl. adapter)", "gap recovered (ppl)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         gap = f"{r['gap_recovered_pct']:.1f}%" if r["gap_recovered_pct"] is not None else ""
-        lines.append(f"| {r['quant']} | {r['method']} | {r['rank'] or ''} | {r['ppl']:.3f} | "
-                     f"{r['model_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.2f} | {r['bpw']:.3f} | {gap} |")
+        tasks = [f"{r['tasks'][n][m]:.2f}" if n in r.get("tasks", {}) else "" for n, m in task_cols]
+        cells = [r["quant"], r["method"], str(r["rank"] or ""), f"{r['ppl']:.3f}", *tasks,
+                 f"{r['model_bytes'] / 1e6:.1f}", f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['bpw']:.3f}", gap]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

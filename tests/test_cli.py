@@ -21,9 +21,9 @@ def words(path: Path, n: int, seed: int) -> Path:
 
 def run_json(capsys, argv: list) -> dict:
     rc = main([str(a) for a in argv] + ["--json"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    return json.loads(out)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    return json.loads(captured.out)
 
 
 def test_module_help():
