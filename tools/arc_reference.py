@@ -7,6 +7,9 @@ point (F16 rounding of the weights flips a few near-ties).
 
     python tools/arc_reference.py --hf ~/.cache/eora-gguf/demo/SmolLM2-135M-Instruct \
         --tasks arc_easy,arc_challenge --json docs/arc_reference.json [--compare docs/report/sweep.json]
+    python tools/arc_reference.py --reuse docs/arc_reference.json --compare SWEEP.json --json docs/arc_reference.json
+
+Full ARC test sets (3548 questions) take about 10 minutes on one core.
 """
 from __future__ import annotations
 
@@ -75,16 +78,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--compare", default=None, help="an `eora-gguf eval --json` or sweep JSON with the F16 row")
+    ap.add_argument("--reuse", default=None, help="take the torch results from this earlier --json output "
+                    "instead of scoring again (only compare)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    hf = Path(args.hf) if args.hf else assets.demo_model_dir()
-    tok = AutoTokenizer.from_pretrained(hf)
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=getattr(torch, args.dtype)).eval()
     files = {"arc_easy": "arc_easy_test", "arc_challenge": "arc_challenge_test",
              "arc_easy_val": "arc_easy", "arc_challenge_val": "arc_challenge"}
-    result = {"hf": str(hf), "dtype": args.dtype, "tasks": {}}
-    for name in args.tasks.split(","):
+    if args.reuse:
+        result = json.loads(Path(args.reuse).read_text())
+        todo = []
+    else:
+        hf = Path(args.hf) if args.hf else assets.demo_model_dir()
+        tok = AutoTokenizer.from_pretrained(hf)
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=getattr(torch, args.dtype)).eval()
+        result = {"hf": str(hf), "dtype": args.dtype, "tasks": {}}
+        todo = args.tasks.split(",")
+    for name in todo:
         rows = [json.loads(ln) for ln in assets.data_file(files[name]).read_text().splitlines() if ln.strip()]
         rows = rows[:args.limit] if args.limit else rows
         t0 = time.perf_counter()
