@@ -7,9 +7,11 @@ built with CMake into `<cache>/llama.cpp-<commit>/build`; a stamp file marks a f
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -51,6 +53,33 @@ CMAKE_FLAGS = (
     "-DLLAMA_OPENSSL=OFF",
     f"-DLLAMA_BUILD_COMMIT={COMMIT}",  # the sdist has no git history to read it from
 )
+
+# GGML_NATIVE compiles ggml's AMX kernels when the compiler sees AMX on this CPU, and ggml then routes quantized
+# matmuls through them. On the development VM (Sapphire-Rapids-class CPU advertising amx_tile/amx_int8) those kernels
+# die with SIGILL on `tilezero` in every quantized llama-perplexity run, although a stand-alone probe of the same
+# tile configuration runs fine there, so no cheap check can tell a working AMX from this one. The pinned build
+# therefore leaves AMX out (AVX-512/VNNI kernels are used instead; ggml uses AMX only for prompt batches anyway);
+# EORA_LLAMA_AMX=1 keeps it, and LLAMA_CPP_DIR takes any build of your own.
+_AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+@functools.lru_cache(maxsize=None)
+def host_flags() -> tuple[str, ...]:
+    """CMake flags this machine needs on top of CMAKE_FLAGS: AMX off where -march=native would turn it on."""
+    if os.environ.get("EORA_LLAMA_AMX") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return ()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return ()
+    try:
+        macros = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
+                                text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if "__AMX_TILE__" not in macros:
+        return ()
+    return (f"-DCMAKE_C_FLAGS={_AMX_OFF}", f"-DCMAKE_CXX_FLAGS={_AMX_OFF}")
+
 
 # Quantization types llama-quantize accepts by name (llama.cpp's own table at the pinned commit).
 QUANT_TYPES = (
@@ -143,6 +172,8 @@ def _finished_build(root: Path, tools: Sequence[str], origin: str = "pinned") ->
     bin_dir = root / "build" / "bin"
     if info.get("commit") != COMMIT or any(not (bin_dir / t).is_file() for t in tools):
         return None
+    if info.get("host_flags", []) != list(host_flags()):  # built for another machine's needs: rebuild
+        return None
     return LlamaCpp(bin_dir=bin_dir, source_dir=root / "src", origin=origin)
 
 
@@ -206,7 +237,7 @@ def _build_tree(root: Path, src: Path, *, tools: Sequence[str], progress: bool, 
     log_path = build / "eora-gguf-build.log"
     gen = ["-G", "Ninja"] if ninja and not (build / "Makefile").exists() else []
     jobs = str(os.cpu_count() or 2)
-    configure = [cmake, "-S", str(src), "-B", str(build), *gen, *CMAKE_FLAGS, *extra_flags]
+    configure = [cmake, "-S", str(src), "-B", str(build), *gen, *CMAKE_FLAGS, *host_flags(), *extra_flags]
     compile_ = [cmake, "--build", str(build), "-j", jobs, "--target", *tools]
     if nice and shutil.which("nice"):  # long builds on a shared machine
         compile_ = ["nice", "-n", "10", *compile_]
@@ -215,6 +246,7 @@ def _build_tree(root: Path, src: Path, *, tools: Sequence[str], progress: bool, 
         _run_logged(configure, logf, "configure llama.cpp", log_path, progress=False)
         _run_logged(compile_, logf, "build llama.cpp", log_path, progress=progress)
     stamp.write_text(json.dumps({"commit": COMMIT, "tools": list(tools), "flags": list(CMAKE_FLAGS) + list(extra_flags),
+                                 "host_flags": list(host_flags()),
                                  **(stamp_extra or {})}))
     found = _finished_build(root, tools, origin)
     if found is None:

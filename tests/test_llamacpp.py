@@ -78,6 +78,29 @@ def test_perplexity_runs_on_tiny_model(tiny_gguf, llama, tmp_path):
     assert len(res.chunks) == 2
 
 
+def test_perplexity_runs_on_quantized_tiny_model(tiny_gguf, llama, tmp_path):
+    """Prompt batches of Q4_0/Q4_K weights: where ggml's AMX kernels were compiled in, this died with SIGILL on
+    the development VM (see llamacpp.host_flags)."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
+    for qtype in ("Q4_0", "Q4_K_M"):
+        q = llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / f"{qtype}.gguf", qtype)
+        res = llamacpp.perplexity(llama, q, text, ctx=128, chunks=2, threads=2)
+        assert np.isfinite(res.ppl) and res.ppl > 1, qtype
+
+
+def test_pinned_build_leaves_out_amx_where_native_would_enable_it():
+    flags = llamacpp.host_flags()
+    macros = subprocess.run(["cc", "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
+                            text=True).stdout
+    wants_off = "__AMX_TILE__" in macros and os.environ.get("EORA_LLAMA_AMX") != "1"
+    assert any("-mno-amx-int8" in f for f in flags) == wants_off
+    if wants_off:  # and the flags really turn it off under -march=native
+        off = subprocess.run(["cc", *flags[0].split("=", 1)[1].split(), "-march=native", "-dM", "-E", "-x", "c",
+                              "-"], input="", capture_output=True, text=True).stdout
+        assert "__AMX_TILE__" not in off and "__AMX_INT8__" not in off
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit 2, no output file
 
