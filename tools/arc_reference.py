@@ -105,7 +105,8 @@ def main() -> None:
         print(f"{name}: n={m['n']} acc {m['acc']:.2f} acc_norm {m['acc_norm']:.2f} ({m['seconds']} s)")
     if args.compare:
         other = json.loads(Path(args.compare).read_text())
-        ours = other.get("tasks") or next(r["tasks"] for r in other["rows"] if r["quant"] == "F16")
+        ours = (next(r["tasks"] for r in other["rows"] if r["quant"] == "F16") if "rows" in other  # a sweep
+                else other["tasks"])  # an `eora-gguf eval --json` result
         result["compare"] = {}
         for name, m in result["tasks"].items():
             if name in ours:
