@@ -63,12 +63,17 @@ CMAKE_FLAGS = (
 _AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
+def c_compiler() -> str | None:
+    """The C compiler CMake will pick: $CC, else cc, gcc or clang on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 @functools.lru_cache(maxsize=None)
 def host_flags() -> tuple[str, ...]:
     """CMake flags this machine needs on top of CMAKE_FLAGS: AMX off where -march=native would turn it on."""
     if os.environ.get("EORA_LLAMA_AMX") == "1" or platform.machine() not in ("x86_64", "AMD64"):
         return ()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     if not cc:
         return ()
     try:
@@ -213,9 +218,8 @@ def _check_toolchain() -> tuple[str, str | None]:
     if cmake is None:
         raise EoraError("cmake not found: install it (`apt-get install cmake` or `pip install cmake`), "
                         "or set LLAMA_CPP_DIR to an existing llama.cpp build")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cc or not cxx:
+    if not c_compiler() or not cxx:
         raise EoraError("no C/C++ compiler found: install one (`apt-get install build-essential`), "
                         "or set LLAMA_CPP_DIR to an existing llama.cpp build")
     return cmake, shutil.which("ninja")
@@ -510,8 +514,9 @@ def _perplexity_args(llama: LlamaCpp, model: str | os.PathLike[str], text_file: 
 def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
                lora: Sequence[str | os.PathLike[str]] = (), ctx: int = 512, chunks: int | None = None,
                threads: int | None = None, batch: int | None = None, extra_args: Sequence[str] = (),
-               verbose: bool = False) -> Perplexity:
-    """llama-perplexity over a text file; returns the final estimate and the running per-chunk values."""
+               env: dict[str, str] | None = None, verbose: bool = False) -> Perplexity:
+    """llama-perplexity over a text file (`env`: extra environment variables for it); returns the final estimate
+    and the running per-chunk values."""
     args = _perplexity_args(llama, model, text_file, lora=lora, ctx=ctx, chunks=chunks, threads=threads)
     if batch:
         args += ["-b", str(batch)]
@@ -520,7 +525,7 @@ def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | 
     # common/log.cpp's common_log_main), so the last lines are sometimes lost. The running value "[k]ppl" after
     # the last chunk equals the final estimate, so use it when the final line is missing; else run again.
     for attempt in range(3):
-        res = run_tool(args, f"llama-perplexity on {Path(model).name}", verbose=verbose)
+        res = run_tool(args, f"llama-perplexity on {Path(model).name}", env=env, verbose=verbose)
         text = res.stdout + res.stderr
         values = [float(v) for _, v in _CHUNK.findall(res.stdout)]
         total = _N_CHUNKS.search(text)

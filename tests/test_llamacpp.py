@@ -91,12 +91,13 @@ def test_perplexity_runs_on_quantized_tiny_model(tiny_gguf, llama, tmp_path):
 
 def test_pinned_build_leaves_out_amx_where_native_would_enable_it():
     flags = llamacpp.host_flags()
-    macros = subprocess.run(["cc", "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
+    cc = llamacpp.c_compiler()
+    macros = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
                             text=True).stdout
     wants_off = "__AMX_TILE__" in macros and os.environ.get("EORA_LLAMA_AMX") != "1"
     assert any("-mno-amx-int8" in f for f in flags) == wants_off
     if wants_off:  # and the flags really turn it off under -march=native
-        off = subprocess.run(["cc", *flags[0].split("=", 1)[1].split(), "-march=native", "-dM", "-E", "-x", "c",
+        off = subprocess.run([cc, *flags[0].split("=", 1)[1].split(), "-march=native", "-dM", "-E", "-x", "c",
                               "-"], input="", capture_output=True, text=True).stdout
         assert "__AMX_TILE__" not in off and "__AMX_INT8__" not in off
 
