@@ -22,7 +22,7 @@ from .errors import EoraError
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _LIB_NAMES = {"linux": "libeora_native.so", "darwin": "libeora_native.dylib", "win32": "eora_native.dll"}
 LIB_NAME = _LIB_NAMES.get(sys.platform, "libeora_native.so")
 HEADER_NAME = "eora_native.h"

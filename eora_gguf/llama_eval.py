@@ -60,28 +60,34 @@ def _link_dirs(llama: llamacpp.LlamaCpp) -> tuple[Path, Path]:
 
 def client(llama: llamacpp.LlamaCpp) -> Path:
     """Path of the eora-eval client for this llama.cpp, compiled on first use (a few seconds)."""
+    return compile_against(llama, SOURCE, "eora-eval")
+
+
+def compile_against(llama: llamacpp.LlamaCpp, source: Path, name: str) -> Path:
+    """`source` (a C++17 libllama client) compiled against this llama.cpp, cached as <cache>/tools/<name>-<key>
+    (the key covers the source, the library and llama.h, so a rebuilt llama.cpp gets a fresh binary)."""
     lib_dir, src = _link_dirs(llama)
     lib = next(lib_dir / n for n in LIB_NAMES if (lib_dir / n).is_file())
-    key = hashlib.sha256(SOURCE.read_bytes() + str(lib.resolve()).encode() + str(lib.stat().st_mtime_ns).encode()
+    key = hashlib.sha256(source.read_bytes() + str(lib.resolve()).encode() + str(lib.stat().st_mtime_ns).encode()
                          + (src / "include" / "llama.h").read_bytes()).hexdigest()[:16]
-    exe = cache_dir() / "tools" / f"eora-eval-{key}"
+    exe = cache_dir() / "tools" / f"{name}-{key}"
     if os.access(exe, os.X_OK):
         return exe
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise EoraError("no C++ compiler found (c++, g++ or clang++): install one (e.g. apt install g++) or set CXX")
     exe.parent.mkdir(parents=True, exist_ok=True)
-    with locked("eora-eval"):
+    with locked(name):
         if os.access(exe, os.X_OK):
             return exe
         with atomic_output(exe) as tmp:
-            cmd = [cxx, "-O2", "-std=c++17", str(SOURCE), "-o", str(tmp), f"-I{src / 'include'}",
+            cmd = [cxx, "-O2", "-std=c++17", str(source), "-o", str(tmp), f"-I{src / 'include'}",
                    f"-I{src / 'ggml' / 'include'}", f"-L{lib_dir}", "-lllama", f"-Wl,-rpath,{lib_dir}"]
-            log.info("compiling the eval client against %s", lib_dir)
+            log.info("compiling %s against %s", source.name, lib_dir)
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 first = next((ln for ln in res.stderr.splitlines() if "error" in ln), res.stderr.strip()[:300])
-                raise EoraError(f"compiling the eval client failed: {first}")
+                raise EoraError(f"compiling {source.name} failed: {first}")
         exe.chmod(0o755)
     return exe
 

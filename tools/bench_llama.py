@@ -1,20 +1,24 @@
 """Decode and prompt speed of llama.cpp with an adapter: stock against the patched (fused) build.
 
-    python tools/bench_llama.py --json out/bench_llama.json [--markdown table.md] [--quick]
+    python tools/bench_llama.py --model-dir eora-out/SmolLM2-135M-Instruct --json out/bench_llama.json \\
+        [--markdown table.md] [--quick]
 
-llama-bench at the pinned commit takes no --lora, so each cell is a timed llama-completion run: a prompt of
-about --pp tokens (prompt tokens/s) then --tg generated tokens with --ignore-eos (decode tokens/s), both read
-from llama.cpp's own perf lines, 2 threads by default. Per model (SmolLM2-135M Q2_K / Q4_K_M / Q8_0 from the
-demo folder; Q8_0 is made with llama-quantize if missing): base only (stock build), stock + adapter and patched +
-adapter per rank, every configuration --reps times in interleaved order; the table gives medians.
+llama-bench at the pinned commit takes no --lora, so the measurement is `tools/lora_speed.cpp`, compiled once
+against each build's libllama: one model, two contexts (without and with the adapter), their work interleaved
+token by token, so a slow phase of a shared machine hits both alike. Per round it measures what llama-bench's
+tests do: pp (a --pp-token prompt as one batch, from an empty cache) and tg (--tg tokens one at a time from an
+empty cache), 2 threads by default. Per model (SmolLM2-135M Q2_K / Q4_K_M / Q8_0 from the model folder; made
+with llama-quantize from model-F16.gguf if missing) and rank, three builds are run --reps times in turn, --rounds
+rounds each: stock, patched, and patched with EORA_LLAMA_FUSE=adapter (W x left to ggml's node even at one
+token: the adapter ops alone). Every figure is a median over all rounds of a build.
 
-Adapters: `--lora-dir DIR` with `{quant}-r{rank}.gguf` files (e.g. made by `eora-gguf compensate`), else random
-F16 adapters of the right shapes over every block weight (cost depends on shapes and types only; the JSON
-says which was used).
+Adapters: the folder's EoRA adapters where present (`adapter-{quant}-eora-r{rank}-f16.gguf`, as `eora-gguf run`
+writes them, or `{quant}-r{rank}.gguf`, also looked for in --lora-dir), else random F16 adapters of the right
+shapes over every block weight (cost depends on shapes and types only; the JSON says which was used).
 
-Overheads (decode; the same for prompt): time per token t = 1 / tokens-per-second,
-  overhead       = (t_adapter - t_base) / t_base
-  time share     = (t_adapter - t_base) / t_adapter          the part of a token's time the adapter takes
+Overheads (decode; the same for prompt), per round from the two contexts' times per token t0 (base) and t:
+  overhead       = (t - t0) / t0                             (and t - t0 in ms)
+  time share     = (t - t0) / t                              the part of a token's time the adapter takes
   byte share     = adapter bytes / (adapter bytes + model bytes)   what it adds to the bytes moved per token
 (model bytes: every tensor of the GGUF; the tied embedding is read whole by the output product each token).
 Acceptance (issue #6, r64 Q4_K_M decode): patched time share <= 1.2 x byte share, and patched overhead <= half
@@ -36,15 +40,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eora_gguf import llamacpp  # noqa: E402
+from eora_gguf import llama_eval, llamacpp  # noqa: E402
 from eora_gguf.errors import EoraError, atomic_output  # noqa: E402
 
 log = logging.getLogger("bench_llama")
 
-DEMO = Path("/tmp/demo-run/eora-out/SmolLM2-135M-Instruct")
+DEMO = Path("eora-out/SmolLM2-135M-Instruct")  # where `eora-gguf run` (default --workdir) puts the demo model
 QUANTS = ("Q2_K", "Q4_K_M", "Q8_0")
 RANKS = (16, 64)
-_PERF = re.compile(r"(prompt eval|\beval) time =\s*([0-9.]+) ms /\s*(\d+) (?:tokens|runs)")
+BUILDS = ("stock", "patched", "patched-adapter-ops")
+SOURCE = Path(__file__).with_name("lora_speed.cpp")
+_STATS = re.compile(r"eora: LoRA adapters built: fused (\d+), added (\d+) \(t in op \d+\), stock (\d+)")
 
 
 def model_path(model_dir: Path, quant: str, llama: llamacpp.LlamaCpp) -> Path:
@@ -75,39 +81,58 @@ def random_adapter(base: Path, out: Path, rank: int, seed: int = 0) -> Path:
     return write_gguf_lora(out, factors, arch=reader.get_field("general.architecture").contents(), dtype="f16")
 
 
+def find_adapter(dirs: list[Path], quant: str, rank: int) -> Path | None:
+    for d in dirs:
+        for name in (f"adapter-{quant}-eora-r{rank}-f16.gguf", f"{quant}-r{rank}.gguf"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
 def tensor_bytes(path: Path) -> int:
     import gguf
 
     return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors))
 
 
-def prompt_file(out: Path, n_tokens: int) -> Path:
-    """About n_tokens tokens of English text (the demo eval text if present; ~4 characters per token)."""
+def speed_tool(llama: llamacpp.LlamaCpp) -> Path:
+    """tools/lora_speed.cpp compiled against this build's libllama (cached)."""
+    return llama_eval.compile_against(llama, SOURCE, "lora-speed")
+
+
+def text_file(out: Path) -> Path:
+    """English text with enough tokens for the prompt (the demo eval text if present)."""
     src = Path(os.environ.get("EORA_GGUF_CACHE", Path.home() / ".cache" / "eora-gguf")) / "demo" / "data" / "eval.txt"
-    text = src.read_text() if src.is_file() else "The quick brown fox jumps over the lazy dog. " * 4000
-    out.write_text(text[: 4 * n_tokens])
+    out.write_text(src.read_text() if src.is_file() else "The quick brown fox jumps over the lazy dog. " * 4000)
     return out
 
 
-def timed_run(llama: llamacpp.LlamaCpp, model: Path, lora: Path | None, prompt: Path, args: argparse.Namespace
-              ) -> dict[str, float]:
-    cmd = [str(llama.tool("llama-completion")), "-m", str(model), "-f", str(prompt), "-n", str(args.tg),
-           "--ignore-eos", "--temp", "0", "--top-k", "1", "-t", str(args.threads), "-c", str(args.pp * 2 + args.tg),
-           "-b", "512", "-ub", "512", "-no-cnv", "--no-display-prompt"]
-    if lora is not None:
-        cmd += ["--lora", str(lora)]
-    env = {**os.environ, "EORA_LLAMA_STATS": "1"}
-    for _ in range(3):  # the pinned llama.cpp sometimes loses its last log lines
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, errors="replace")
-        if res.returncode != 0:
-            raise EoraError(f"llama-completion failed: {llamacpp._last_error_line(res.stderr)}")
-        found = {m[1].strip(): (float(m[2]), int(m[3])) for m in _PERF.finditer(res.stderr)}
-        if "prompt eval" in found and "eval" in found:
-            (p_ms, p_n), (e_ms, e_n) = found["prompt eval"], found["eval"]
-            fused = re.search(r"eora: LoRA matmuls built: fused (\d+), added (\d+), stock (\d+)", res.stderr)
-            return {"pp_tps": 1000 * p_n / p_ms, "tg_tps": 1000 * e_n / e_ms, "pp_tokens": p_n, "tg_tokens": e_n,
-                    **({"fused": int(fused[1]), "added": int(fused[2]), "stock": int(fused[3])} if fused else {})}
-    raise EoraError("llama-completion printed no perf lines three times in a row")
+def run_rounds(exe: Path, model: Path, lora: Path, text: Path, args: argparse.Namespace,
+               env: dict[str, str] | None) -> tuple[list[dict], dict[str, int]]:
+    cmd = [str(exe), str(model), str(lora), str(args.threads), str(args.rounds), str(args.pp), str(args.tg), str(text)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EORA_LLAMA_STATS": "1", **(env or {})},
+                         stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise EoraError(f"lora_speed failed: {llamacpp._last_error_line(res.stderr)}")
+    rounds = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    m = _STATS.search(res.stderr)
+    return rounds, ({"fused": int(m[1]), "added": int(m[2]), "stock": int(m[3])} if m else {})
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """Medians over rounds: base and adapter ms/token, overhead, added ms, time share (pp and tg)."""
+    out = {}
+    for ph in ("pp", "tg"):
+        t0 = [r[f"{ph}_ms"][0] / r[f"{ph}_tokens"] for r in rounds]
+        t1 = [r[f"{ph}_ms"][1] / r[f"{ph}_tokens"] for r in rounds]
+        out[f"{ph}_base_ms"] = statistics.median(t0)
+        out[f"{ph}_ms"] = statistics.median(t1)
+        out[f"{ph}_tps"] = 1000 / out[f"{ph}_ms"]
+        out[f"{ph}_overhead"] = statistics.median(b / a - 1 for a, b in zip(t0, t1))
+        out[f"{ph}_overhead_ms"] = statistics.median(b - a for a, b in zip(t0, t1))
+        out[f"{ph}_time_share"] = statistics.median((b - a) / b for a, b in zip(t0, t1))
+        out[f"{ph}_overhead_all"] = [round(b / a - 1, 4) for a, b in zip(t0, t1)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,63 +142,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=DEMO, help="folder with model-{QUANT}.gguf (and model-F16.gguf)")
     p.add_argument("--quants", nargs="+", default=list(QUANTS))
     p.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
-    p.add_argument("--lora-dir", type=Path, help="adapters named {quant}-r{rank}.gguf (default: random F16 ones)")
-    p.add_argument("--work", type=Path, default=Path("out/bench_llama"), help="random adapters and the prompt")
+    p.add_argument("--lora-dir", type=Path, help="another folder to look for the adapters in (default: --model-dir)")
+    p.add_argument("--work", type=Path, default=Path("out/bench_llama"), help="random adapters and the text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pp", type=int, default=512)
     p.add_argument("--tg", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="Q4_K_M, rank 64, pp 128, tg 32, 1 rep (a smoke test)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per run of a build")
+    p.add_argument("--reps", type=int, default=3, help="runs of each build, in turn")
+    p.add_argument("--quick", action="store_true", help="Q4_K_M, rank 64, pp 128, tg 32, 1 rep of 2 rounds")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
-        args.quants, args.ranks, args.pp, args.tg, args.reps = ["Q4_K_M"], [64], 128, 32, 1
+        args.quants, args.ranks, args.pp, args.tg, args.reps, args.rounds = ["Q4_K_M"], [64], 128, 32, 1, 2
     try:
         stock = llamacpp.locate(tools=("llama-completion", "llama-quantize"))
         patched = llamacpp.locate(patched=True, build=False)
+        exes = {"stock": speed_tool(stock), "patched": speed_tool(patched)}
+        exes["patched-adapter-ops"] = exes["patched"]
+        envs = {"stock": None, "patched": None, "patched-adapter-ops": {"EORA_LLAMA_FUSE": "adapter"}}
         args.work.mkdir(parents=True, exist_ok=True)
-        prompt = prompt_file(args.work / "prompt.txt", args.pp)
+        text = text_file(args.work / "text.txt")
         rows = []
         for quant in args.quants:
             model = model_path(args.model_dir, quant, stock)
-            configs: list[tuple[str, llamacpp.LlamaCpp, int, Path | None]] = [("base", stock, 0, None)]
-            adapters = {}
-            for rank in args.ranks:
-                given = args.lora_dir / f"{quant}-r{rank}.gguf" if args.lora_dir else None
-                adapters[rank] = given if given and given.is_file() else random_adapter(
-                    model, args.work / f"random-{quant}-r{rank}.gguf", rank)
-                configs += [("stock", stock, rank, adapters[rank]), ("patched", patched, rank, adapters[rank])]
-            runs: dict[tuple[str, int], list[dict]] = {(b, r): [] for b, _, r, _ in configs}
-            for rep in range(args.reps):  # interleaved, so slow drifts of the machine hit every configuration
-                for build, llama, rank, lora in configs:
-                    res = timed_run(llama, model, lora, prompt, args)
-                    log.info("%s %s r%d rep %d: pp %.1f t/s, tg %.1f t/s %s", quant, build, rank, rep,
-                             res["pp_tps"], res["tg_tps"],
-                             {k: res[k] for k in ("fused", "added", "stock") if k in res})
-                    runs[(build, rank)].append(res)
             m_bytes = tensor_bytes(model)
-            med = {k: {m: statistics.median(r[m] for r in v) for m in ("pp_tps", "tg_tps")} for k, v in runs.items()}
-            base = med[("base", 0)]
-            for (build, rank), v in med.items():
-                row = {"model": quant, "build": build, "rank": rank, "threads": args.threads, **v,
-                       "pp_tps_all": [r["pp_tps"] for r in runs[(build, rank)]],
-                       "tg_tps_all": [r["tg_tps"] for r in runs[(build, rank)]],
-                       "pp_tokens": runs[(build, rank)][0]["pp_tokens"],
-                       "paths": {k: runs[(build, rank)][0][k] for k in ("fused", "added", "stock")
-                                 if k in runs[(build, rank)][0]},
-                       "model_bytes": m_bytes}
-                if rank:
-                    a_bytes = tensor_bytes(adapters[rank])
-                    row["adapter"] = "given" if args.lora_dir and adapters[rank].parent == args.lora_dir else "random"
-                    row["adapter_bytes"] = a_bytes
-                    row["byte_share"] = a_bytes / (a_bytes + m_bytes)
-                    for ph in ("tg", "pp"):
-                        t, t0 = 1 / v[f"{ph}_tps"], 1 / base[f"{ph}_tps"]
-                        row[f"{ph}_overhead"] = t / t0 - 1
-                        row[f"{ph}_time_share"] = (t - t0) / t
-                rows.append(row)
+            for rank in args.ranks:
+                found = find_adapter([args.model_dir, *([args.lora_dir] if args.lora_dir else [])], quant, rank)
+                lora = found or random_adapter(model, args.work / f"random-{quant}-r{rank}.gguf", rank)
+                a_bytes = tensor_bytes(lora)
+                rounds: dict[str, list[dict]] = {b: [] for b in BUILDS}
+                paths: dict[str, dict] = {}
+                for rep in range(args.reps):  # in turn, so slow drifts of the machine hit every build
+                    for build in BUILDS:
+                        got, paths[build] = run_rounds(exes[build], model, lora, text, args, envs[build])
+                        rounds[build] += got
+                        s = summarize(got)
+                        log.info("%s r%d %s rep %d: tg %+.1f%% (%+.2f ms), pp %+.1f%%", quant, rank, build, rep,
+                                 100 * s["tg_overhead"], s["tg_overhead_ms"], 100 * s["pp_overhead"])
+                for build in BUILDS:
+                    rows.append({"model": quant, "build": build, "rank": rank, "threads": args.threads,
+                                 "adapter": str(lora) if found else "random", "adapter_bytes": a_bytes,
+                                 "model_bytes": m_bytes, "byte_share": a_bytes / (a_bytes + m_bytes),
+                                 "paths": paths[build], "rounds": len(rounds[build]), **summarize(rounds[build])})
         checks = acceptance(rows)
-        out = {"threads": args.threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
+        out = {"threads": args.threads, "pp": args.pp, "tg": args.tg, "reps": args.reps, "rounds": args.rounds,
                "load_average_end": os.getloadavg(), "rows": rows, "acceptance": checks}
         with atomic_output(args.json, suffix=".json") as tmp:
             Path(tmp).write_text(json.dumps(out, indent=1))
@@ -192,33 +204,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def acceptance(rows: list[dict]) -> list[dict]:
     """Issue #6: r64 Q4_K_M decode, patched time share <= 1.2 x byte share and overhead <= half of stock's."""
-    out = []
     by = {(r["model"], r["build"], r["rank"]): r for r in rows}
-    for (model, build, rank), r in by.items():
-        if build != "patched" or (model, rank) != ("Q4_K_M", 64) or ("Q4_K_M", "stock", 64) not in by:
-            continue
-        s = by[("Q4_K_M", "stock", 64)]
-        share_ok = r["tg_time_share"] <= 1.2 * r["byte_share"]
-        half_ok = r["tg_overhead"] <= 0.5 * s["tg_overhead"]
-        out.append({"share_ok": share_ok, "half_ok": half_ok, "text": (
-            f"acceptance (r64 Q4_K_M decode): patched adapter time share {r['tg_time_share']:.1%} vs 1.2 x byte share "
-            f"{1.2 * r['byte_share']:.1%}: {'PASS' if share_ok else 'FAIL'}; patched overhead {r['tg_overhead']:+.1%} "
-            f"vs half of stock's {0.5 * s['tg_overhead']:+.1%}: {'PASS' if half_ok else 'FAIL'}")})
-    return out
+    r, s = by.get(("Q4_K_M", "patched", 64)), by.get(("Q4_K_M", "stock", 64))
+    if r is None or s is None:
+        return []
+    share_ok = r["tg_time_share"] <= 1.2 * r["byte_share"]
+    half_ok = r["tg_overhead"] <= 0.5 * s["tg_overhead"]
+    return [{"share_ok": share_ok, "half_ok": half_ok, "text": (
+        f"acceptance (r64 Q4_K_M decode): patched adapter time share {r['tg_time_share']:.1%} vs 1.2 x byte share "
+        f"{1.2 * r['byte_share']:.1%}: {'PASS' if share_ok else 'FAIL'}; patched overhead {r['tg_overhead']:+.1%} "
+        f"({r['tg_overhead_ms']:+.2f} ms) vs half of stock's {0.5 * s['tg_overhead']:+.1%} "
+        f"({0.5 * s['tg_overhead_ms']:+.2f} ms): {'PASS' if half_ok else 'FAIL'}")}]
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"{args.threads} threads, prompt ~{args.pp} tokens, {args.tg} generated, median of {args.reps}; "
-             f"load average at the end {os.getloadavg()[0]:.1f}", "",
-             "| model | build | rank | pp t/s | tg t/s | tg overhead | tg time share | byte share | pp overhead | paths |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"{args.threads} threads, pp{args.pp} / tg{args.tg} from an empty cache, adapter on and off side by side "
+             f"in one process; medians of {args.reps} x {args.rounds} rounds; load average at the end "
+             f"{os.getloadavg()[0]:.1f}", "",
+             "| model | rank | build | pp t/s (base) | pp overhead | tg t/s (base) | tg overhead | tg ms/token added "
+             "| tg time share | byte share | paths |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        pct = (lambda k: f"{r[k]:+.1%}" if k in r else "")
-        share = (lambda k: f"{r[k]:.1%}" if k in r else "")
-        paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items()) if r["paths"] else ""
-        lines.append(f"| {r['model']} | {r['build']} | {r['rank'] or ''} | {r['pp_tps']:.1f} | {r['tg_tps']:.1f} | "
-                     f"{pct('tg_overhead')} | {share('tg_time_share')} | {share('byte_share')} | {pct('pp_overhead')} | "
-                     f"{paths} |")
+        paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
+        lines.append(f"| {r['model']} | {r['rank']} | {r['build']} | {r['pp_tps']:.1f} ({1000 / r['pp_base_ms']:.1f}) | "
+                     f"{r['pp_overhead']:+.1%} | {r['tg_tps']:.1f} ({1000 / r['tg_base_ms']:.1f}) | "
+                     f"{r['tg_overhead']:+.1%} | {r['tg_overhead_ms']:+.2f} | {r['tg_time_share']:.1%} | "
+                     f"{r['byte_share']:.1%} | {paths} |")
     return "\n".join(lines)
 
 

@@ -1,15 +1,17 @@
-"""Perplexity of one model + adapter under stock llama.cpp (repacked and `--no-repack` weights) and the patched
-build (fused, and `EORA_LLAMA_FUSE=0 --no-repack`): how far the patched build is from stock, against stock's own
-spread between its two weight layouts (issue #6).
+"""One model + adapter under stock llama.cpp and the patched build: perplexity and whether every logit is the same.
 
-    python tools/patched_vs_stock.py MODEL.gguf ADAPTER.gguf [--chunks 32] [--threads 1] [--json OUT.json]
+    python tools/patched_vs_stock.py MODEL.gguf ADAPTER.gguf [--chunks 32] [--threads 2] [--json OUT.json]
 
-Needs `eora-gguf setup-llama-cpp` and `eora-gguf setup-llama-cpp --patched`; text: the demo eval text.
+Both builds run llama-perplexity (-c 512) with --kl-divergence-base, which writes each evaluated token's
+log-probabilities with their fp32 row scale and minimum; the patched build reproduces stock's arithmetic, so the
+two files should be equal byte for byte (issue #6). Needs `eora-gguf setup-llama-cpp` and
+`eora-gguf setup-llama-cpp --patched`; text: the demo eval text unless --text.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from eora_gguf import assets, llamacpp
@@ -20,25 +22,25 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("adapter")
     ap.add_argument("--chunks", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", default=None, help="perplexity text (default: the demo eval text)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
-    stock, patched = llamacpp.locate(progress=False), llamacpp.locate_patched(build=False)
+    builds = {"stock": llamacpp.locate(progress=False), "patched": llamacpp.locate_patched(build=False)}
     text = Path(args.text) if args.text else assets.demo_dir() / "data" / "eval.txt"
-    runs = {"stock": (stock, [], {}), "stock_no_repack": (stock, ["--no-repack"], {}),
-            "patched": (patched, [], {}),
-            "patched_fuse0_no_repack": (patched, ["--no-repack"], {"EORA_LLAMA_FUSE": "0"})}
     result = {"model": args.model, "adapter": args.adapter, "chunks": args.chunks, "threads": args.threads, "ppl": {}}
-    for name, (llama, extra, env) in runs.items():
-        res = llamacpp.perplexity(llama, args.model, text, lora=[args.adapter], ctx=512, chunks=args.chunks,
-                                  threads=args.threads, extra_args=extra, env=env)
-        result["ppl"][name] = res.ppl
-        print(f"{name}: {res.ppl:.4f}")
-    p = result["ppl"]
-    for ref in ("stock", "stock_no_repack"):
-        print(f"patched vs {ref}: {100 * (p['patched'] / p[ref] - 1):+.3f}%")
-    print(f"stock's own spread (no-repack vs repacked): {100 * (p['stock_no_repack'] / p['stock'] - 1):+.3f}%")
+    logits = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, llama in builds.items():
+            out = Path(tmp) / f"{name}.bin"
+            res = llamacpp.perplexity(llama, args.model, text, lora=[args.adapter], ctx=512, chunks=args.chunks,
+                                      threads=args.threads, extra_args=["--kl-divergence-base", str(out)])
+            result["ppl"][name] = res.ppl
+            logits[name] = out.read_bytes()
+            print(f"{name}: perplexity {res.ppl:.4f}")
+    result["logits_identical"] = logits["stock"] == logits["patched"]
+    result["logits_bytes"] = len(logits["stock"])
+    print(f"logits identical: {'yes' if result['logits_identical'] else 'NO'} ({result['logits_bytes']} bytes each)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

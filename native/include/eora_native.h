@@ -31,7 +31,7 @@
 #  define EORA_API __attribute__((visibility("default")))
 #endif
 
-#define EORA_ABI_VERSION 2
+#define EORA_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -56,11 +56,12 @@ typedef enum {
     EORA_TYPE_IQ4_NL = 20, EORA_TYPE_IQ4_XS = 23, EORA_TYPE_BF16 = 30
 } eora_type;
 
-/* Flags for eora_fused_matmul. */
+/* Flags for eora_fused_matmul (and the ISA caps for the other CPU calls). */
 enum {
     EORA_FLAG_F32_ACT = 1,     /* keep x in fp32 (dequantize weights, fp32 dot); default quantizes x to 8 bit */
     EORA_FLAG_ISA_SCALAR = 2,  /* use the portable C kernels even where AVX2/AVX-512 are present */
-    EORA_FLAG_ISA_AVX2 = 4     /* use at most AVX2 (for testing that path on an AVX-512 machine) */
+    EORA_FLAG_ISA_AVX2 = 4,    /* use at most AVX2 (for testing that path on an AVX-512 machine) */
+    EORA_FLAG_ROUNDED = 8      /* eora_lora_t / _add: the input already holds F16 values (eora_lora_round_f16) */
 };
 
 /* EORA_ABI_VERSION of the built library; the binding refuses a mismatch. */
@@ -105,41 +106,43 @@ EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes
                                        int b_type, const void *b, size_t b_bytes, int64_t rank,
                                        float *y, size_t y_bytes, int n_threads, unsigned flags);
 
-/* Rows [row_begin, row_end) of the fused product on the calling thread only, with t = A.x given; for callers
- * that bring their own threads (the llama.cpp patch: each ggml thread takes one range of rows):
- *     y[n, o] = sum_i W[o, i] x[n, i] + t_scale * sum_k B[o, k] t[n, k]      row_begin <= o < row_end
- *  w, x, b as for eora_fused_matmul; t: (n_tokens, rank) fp32; rank 0 means no adapter (b, t may be NULL).
- *  y is the whole (n_tokens, d_out) output; only the given rows are written.
- *  scratch: at least eora_fused_rows_scratch(w_type, d_in, n_tokens, rank, flags) bytes, 64-byte aligned,
- *  private to the call (each call quantizes x itself, n_tokens * d_in work: give it few, large ranges).
- * Same arithmetic as eora_fused_matmul (flags alike). The _ref variant is the scalar reference (fp32
- * dequantization, fp64 accumulation) and needs no scratch. */
-EORA_API size_t eora_fused_rows_scratch(int w_type, int64_t d_in, int64_t n_tokens, int64_t rank, unsigned flags);
-EORA_API eora_status eora_fused_rows_ref(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                         const float *x, size_t x_bytes, int64_t n_tokens,
-                                         int b_type, const void *b, size_t b_bytes, const float *t, size_t t_bytes,
-                                         int64_t rank, float t_scale, int64_t row_begin, int64_t row_end,
-                                         float *y, size_t y_bytes);
-EORA_API eora_status eora_fused_rows(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                     const float *x, size_t x_bytes, int64_t n_tokens,
-                                     int b_type, const void *b, size_t b_bytes, const float *t, size_t t_bytes,
-                                     int64_t rank, float t_scale, int64_t row_begin, int64_t row_end,
-                                     float *y, size_t y_bytes, void *scratch, size_t scratch_bytes, unsigned flags);
+/* ---- LoRA terms in llama.cpp's own CPU arithmetic (what the llama.cpp patch runs) ----
+ * Stock llama.cpp adds an adapter to res = W x with four ggml ops: t = A x, u = B t, u * scale, res + u. For F16
+ * and F32 adapters ggml rounds the other operand of each product to F16 (F16 adapters only) and sums each
+ * output as a dot in one of these orders, chosen by its build and the shapes (on x86: tinyBLAS for 2 tokens or
+ * more, rows in fours and whole blocks; ggml_vec_dot for one token or otherwise):
+ *   EORA_ORDER_LANES8, _LANES16  tinyBLAS with 8 (AVX2) / 16 (AVX-512) lanes: lane j adds the products of
+ *                                 elements j, j + L, j + 2L, ... with fused multiply-adds from +0, then the lanes
+ *                                 are added pairwise, halving (s[j] += s[j + h], h = L/2 ... 1). k % L == 0.
+ *   EORA_ORDER_VEC8, _VEC16      ggml_vec_dot_f16/_f32 with 8 / 16-wide vectors: the same over L = 32 / 64
+ *                                 flat lanes (four vectors), except that VEC8 ends on adjacent pairs
+ *                                 ((s0 + s1) + (s2 + s3)); elements after the last whole block of L are added
+ *                                 one by one in fp64, each product rounded to fp32 (F16 only; F32: k % L == 0).
+ * These two calls compute the stock bits in two steps:
+ *     eora_lora_t:   t[n, k] = dot(A[k, :], x[n, :])                  k in [row_begin, row_end)
+ *     eora_lora_add: y[n, o] = y[n, o] + dot(B[o, :], t[n, :]) * scale   o in [row_begin, row_end)
+ * a: (rank, d_in), b: (d_out, rank), F16 or F32, row-major; x (n_tokens, d_in), t (n_tokens, rank),
+ * y (n_tokens, d_out), fp32. Only the given rows are written, on the calling thread (callers split the rows over
+ * their own threads; t = A x has to be complete before eora_lora_add reads it). scratch: eora_lora_scratch(dot
+ * length, n_tokens) bytes, private to the call (the rounded operand); F32 adapters need none. Which order a
+ * llama.cpp build uses is for the caller to establish (the patch compares with ggml's own mul_mat once per dot
+ * length). Flags: the ISA caps; EORA_FLAG_ISA_SCALAR runs the portable C emulation of the order (the
+ * reference); EORA_FLAG_ROUNDED says the input was rounded already (eora_lora_round_f16: callers that make many
+ * calls on one input round it once), so no scratch is needed. */
+typedef enum {
+    EORA_ORDER_LANES8 = 1, EORA_ORDER_LANES16 = 2, EORA_ORDER_VEC8 = 3, EORA_ORDER_VEC16 = 4
+} eora_order;
 
-/* The adapter term alone, added in place, for rows [row_begin, row_end) on the calling thread:
- *     y[n, o] += t_scale * sum_k B[o, k] t[n, k]
- * b: (d_out, rank) F32, F16 or Q8_0; t: (n_tokens, rank) fp32; y: (n_tokens, d_out) fp32 (for a base product
- * computed elsewhere, e.g. by ggml for a weight type without a direct kernel). Flags: the ISA caps only. */
-EORA_API eora_status eora_adapter_rows(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
-                                       const float *t, size_t t_bytes, int64_t n_tokens, float t_scale,
-                                       int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, unsigned flags);
-
-/* t = A.x on the calling thread: t[n, k] = sum_i A[k, i] x[n, i] in fp32, A (rank, d_in) F32, F16 or Q8_0 read
- * in place, x (n_tokens, d_in), t (n_tokens, rank). For a few tokens, where each thread of a caller's pool
- * computing all of t is cheaper than a synchronization point. Flags: the ISA caps only. */
-EORA_API eora_status eora_adapter_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
-                                    const float *x, size_t x_bytes, int64_t n_tokens, float *t, size_t t_bytes,
-                                    unsigned flags);
+EORA_API size_t eora_lora_scratch(int64_t k, int64_t n_tokens);
+EORA_API eora_status eora_lora_round_f16(const float *x, float *out, int64_t n, unsigned flags);
+EORA_API eora_status eora_lora_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
+                                 const float *x, size_t x_bytes, int64_t n_tokens, int order, int64_t row_begin,
+                                 int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
+                                 unsigned flags);
+EORA_API eora_status eora_lora_add(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
+                                   const float *t, size_t t_bytes, int64_t n_tokens, float scale, int order,
+                                   int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, void *scratch,
+                                   size_t scratch_bytes, unsigned flags);
 
 /* ---- CUDA ----
  * Present in every build. Without CUDA support (built without nvcc) or without a usable device/driver,

@@ -34,6 +34,28 @@ static inline float eora_f16_to_f32(uint16_t h) {
     return f;
 }
 
+static inline uint16_t eora_f32_to_f16(float f) {
+    /* Round to nearest even, like the F16C instruction: overflow to inf, subnormals, NaN kept quiet. */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);   /* rounds to >= 65520: inf */
+    if (ax < 0x38800000u) {                                      /* below 2^-14: subnormal or zero */
+        if (ax < 0x33000000u) return (uint16_t)sign;             /* below half the smallest subnormal */
+        uint32_t man = (ax & 0x7fffffu) | 0x800000u;
+        int shift = 126 - (int)(ax >> 23);                       /* 14 .. 24: man >> shift = units of 2^-24 */
+        uint32_t q = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = ((ax >> 23) - 112u) << 10 | ((ax >> 13) & 0x3ffu);
+    uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;     /* a carry into the exponent is right too */
+    return (uint16_t)(sign | h);
+}
+
 static inline float eora_bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -45,6 +67,10 @@ typedef struct {
     int64_t block_elems;
     int64_t block_bytes;
 } eora_type_traits;
+
+/* The kernel table cpu.c and lora.c run: 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable C; the ISA flags
+ * (EORA_FLAG_ISA_SCALAR, EORA_FLAG_ISA_AVX2) lower it. */
+int eora_cpu_level(unsigned flags);
 
 /* NULL for unknown types. */
 const eora_type_traits *eora_traits(int type);
@@ -110,6 +136,30 @@ typedef struct {
 extern const eora_direct_kernels eora_direct_scalar;
 extern const eora_direct_kernels eora_direct_avx2;
 extern const eora_direct_kernels eora_direct_avx512;
+
+/* --- LoRA products in llama.cpp's CPU arithmetic (lora_kern.c, compiled per instruction set; lora.c) --- */
+static inline int eora_order_lanes(int order) {  /* flat lanes of an eora_order, 0 if unknown */
+    switch (order) {
+    case EORA_ORDER_LANES8: return 8;
+    case EORA_ORDER_LANES16: return 16;
+    case EORA_ORDER_VEC8: return 32;
+    case EORA_ORDER_VEC16: return 64;
+    default: return 0;
+    }
+}
+
+typedef struct {
+    /* out[n * ldo + r] = dot(m row r, v[n]) (add = 0) or out[...] += dot * scale (add = 1), rows [r0, r1), summed
+     * in `order`; m F16 or F32, (rows, k); v (nt, k) */
+    void (*rows)(int m_type, const void *m, int64_t k, int64_t r0, int64_t r1, const float *v, int64_t nt,
+                 int order, float *out, int64_t ldo, float scale, int add);
+    /* out[i] = f16(x[i]) as fp32 */
+    void (*round_f16)(const float *x, float *out, int64_t n);
+} eora_lora_kernels;
+
+extern const eora_lora_kernels eora_lora_kernels_scalar;
+extern const eora_lora_kernels eora_lora_kernels_avx2;
+extern const eora_lora_kernels eora_lora_kernels_avx512;
 
 extern const eora_kernels eora_kernels_scalar;
 extern const eora_kernels eora_kernels_avx2;

@@ -1,0 +1,103 @@
+/* LoRA terms in llama.cpp's CPU arithmetic: argument checks and dispatch (kernels in lora_kern.c). */
+#include "internal.h"
+
+static const unsigned lora_flags = EORA_FLAG_ISA_SCALAR | EORA_FLAG_ISA_AVX2 | EORA_FLAG_ROUNDED;
+
+static const eora_lora_kernels *select_lora(unsigned flags) {
+#if defined(EORA_HAVE_X86_KERNELS)
+    int level = eora_cpu_level(flags);
+    if (level == 2) return &eora_lora_kernels_avx512;
+    if (level == 1) return &eora_lora_kernels_avx2;
+#else
+    (void)flags;
+#endif
+    return &eora_lora_kernels_scalar;
+}
+
+EORA_API size_t eora_lora_scratch(int64_t k, int64_t n_tokens) {
+    if (k <= 0 || n_tokens <= 0) return 0;
+    return (size_t)k * (size_t)n_tokens * sizeof(float);
+}
+
+/* The checks both calls share: m (rows, k), v (n_tokens, k), out (n_tokens, ldo), the row range, the order. */
+static eora_status check_lora(const char *fn, int m_type, const void *m, size_t m_bytes, int64_t rows, int64_t k,
+                              const float *v, size_t v_bytes, int64_t n_tokens, int order, int64_t row_begin,
+                              int64_t row_end, const float *out, size_t out_bytes, const void *scratch,
+                              size_t scratch_bytes, unsigned flags) {
+    if (!m || !v || !out) return eora_fail(EORA_ERR_ARGUMENT, "%s: matrix, input and output must not be NULL", fn);
+    if (flags & ~lora_flags) return eora_fail(EORA_ERR_ARGUMENT, "%s: unknown flag bits 0x%x", fn, flags);
+    if (m_type != EORA_TYPE_F16 && m_type != EORA_TYPE_F32)
+        return eora_fail(EORA_ERR_TYPE, "%s: adapter type must be F16 or F32 (got %d)", fn, m_type);
+    const int lanes = eora_order_lanes(order);
+    if (lanes == 0) return eora_fail(EORA_ERR_ARGUMENT, "%s: unknown order %d", fn, order);
+    if (rows <= 0 || k <= 0 || n_tokens <= 0)
+        return eora_fail(EORA_ERR_SHAPE, "%s: rows=%lld, k=%lld, n_tokens=%lld must all be positive", fn,
+                         (long long)rows, (long long)k, (long long)n_tokens);
+    /* the tinyBLAS orders sum whole blocks only; ggml's vec_dot adds an F16 tail in fp64 (an F32 tail in fp32,
+     * which its compiler may contract: not reproduced) */
+    if (k % lanes && (order == EORA_ORDER_LANES8 || order == EORA_ORDER_LANES16 || m_type == EORA_TYPE_F32))
+        return eora_fail(EORA_ERR_SHAPE, "%s: dot length %lld is not a multiple of this order's %d lanes", fn,
+                         (long long)k, lanes);
+    const uint64_t esz = m_type == EORA_TYPE_F16 ? 2 : 4;
+    if ((uint64_t)m_bytes / esz / (uint64_t)k < (uint64_t)rows)
+        return eora_fail(EORA_ERR_BUFFER, "%s: matrix has %zu bytes, %llu needed", fn, m_bytes,
+                         (unsigned long long)(esz * (uint64_t)(rows * k)));
+    if ((uint64_t)v_bytes / 4 / (uint64_t)k < (uint64_t)n_tokens)
+        return eora_fail(EORA_ERR_BUFFER, "%s: input has %zu bytes, %lld needed", fn, v_bytes,
+                         (long long)(n_tokens * k * 4));
+    if ((uint64_t)out_bytes / 4 / (uint64_t)rows < (uint64_t)n_tokens)
+        return eora_fail(EORA_ERR_BUFFER, "%s: output has %zu bytes, %lld needed", fn, out_bytes,
+                         (long long)(n_tokens * rows * 4));
+    if (row_begin < 0 || row_end < row_begin || row_end > rows)
+        return eora_fail(EORA_ERR_SHAPE, "%s: row range [%lld, %lld) is not inside [0, %lld)", fn,
+                         (long long)row_begin, (long long)row_end, (long long)rows);
+    if (m_type == EORA_TYPE_F16 && !(flags & EORA_FLAG_ROUNDED) &&
+        (!scratch || scratch_bytes < eora_lora_scratch(k, n_tokens)))
+        return eora_fail(EORA_ERR_BUFFER, "%s: scratch has %zu bytes, %zu needed", fn, scratch_bytes,
+                         eora_lora_scratch(k, n_tokens));
+    return EORA_OK;
+}
+
+EORA_API eora_status eora_lora_round_f16(const float *x, float *out, int64_t n, unsigned flags) {
+    if (!x || !out) return eora_fail(EORA_ERR_ARGUMENT, "lora_round_f16: x and out must not be NULL");
+    if (n < 0) return eora_fail(EORA_ERR_SHAPE, "lora_round_f16: n=%lld is negative", (long long)n);
+    if (flags & ~lora_flags) return eora_fail(EORA_ERR_ARGUMENT, "lora_round_f16: unknown flag bits 0x%x", flags);
+    select_lora(flags)->round_f16(x, out, n);
+    return EORA_OK;
+}
+
+/* ggml rounds the other operand of an F16 matmul to F16 first; an F32 matmul takes it as it is. */
+static const float *operand(const eora_lora_kernels *lk, int m_type, const float *v, int64_t n, void *scratch,
+                            unsigned flags) {
+    if (m_type != EORA_TYPE_F16 || (flags & EORA_FLAG_ROUNDED)) return v;
+    lk->round_f16(v, scratch, n);
+    return scratch;
+}
+
+EORA_API eora_status eora_lora_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
+                                 const float *x, size_t x_bytes, int64_t n_tokens, int order, int64_t row_begin,
+                                 int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
+                                 unsigned flags) {
+    eora_status s = check_lora("lora_t", a_type, a, a_bytes, rank, d_in, x, x_bytes, n_tokens, order, row_begin,
+                               row_end, t, t_bytes, scratch, scratch_bytes, flags);
+    if (s != EORA_OK) return s;
+    if (row_begin == row_end) return EORA_OK;
+    const eora_lora_kernels *lk = select_lora(flags);
+    const float *v = operand(lk, a_type, x, n_tokens * d_in, scratch, flags);
+    lk->rows(a_type, a, d_in, row_begin, row_end, v, n_tokens, order, t, rank, 1.0f, 0);
+    return EORA_OK;
+}
+
+EORA_API eora_status eora_lora_add(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
+                                   const float *t, size_t t_bytes, int64_t n_tokens, float scale, int order,
+                                   int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, void *scratch,
+                                   size_t scratch_bytes, unsigned flags) {
+    eora_status s = check_lora("lora_add", b_type, b, b_bytes, d_out, rank, t, t_bytes, n_tokens, order, row_begin,
+                               row_end, y, y_bytes, scratch, scratch_bytes, flags);
+    if (s != EORA_OK) return s;
+    if (row_begin == row_end) return EORA_OK;
+    const eora_lora_kernels *lk = select_lora(flags);
+    const float *v = operand(lk, b_type, t, n_tokens * rank, scratch, flags);
+    lk->rows(b_type, b, rank, row_begin, row_end, v, n_tokens, order, y, d_out, scale, 1);
+    return EORA_OK;
+}
