@@ -74,30 +74,32 @@ static const float *operand(const eora_lora_kernels *lk, int m_type, const float
     return scratch;
 }
 
+/* Both calls: out[n, r] = dot(m row r, v[n]) (add = 0) or out[n, r] += dot * scale (add = 1), rows [r0, r1). */
+static eora_status lora_rows(const char *fn, int m_type, const void *m, size_t m_bytes, int64_t rows, int64_t k,
+                             const float *v, size_t v_bytes, int64_t n_tokens, int order, int64_t r0, int64_t r1,
+                             float *out, size_t out_bytes, void *scratch, size_t scratch_bytes, unsigned flags,
+                             float scale, int add) {
+    eora_status s = check_lora(fn, m_type, m, m_bytes, rows, k, v, v_bytes, n_tokens, order, r0, r1, out, out_bytes,
+                               scratch, scratch_bytes, flags);
+    if (s != EORA_OK || r0 == r1) return s;
+    const eora_lora_kernels *lk = select_lora(flags);
+    lk->rows(m_type, m, k, r0, r1, operand(lk, m_type, v, n_tokens * k, scratch, flags), n_tokens, order, out, rows,
+             scale, add);
+    return EORA_OK;
+}
+
 EORA_API eora_status eora_lora_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
                                  const float *x, size_t x_bytes, int64_t n_tokens, int order, int64_t row_begin,
                                  int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
                                  unsigned flags) {
-    eora_status s = check_lora("lora_t", a_type, a, a_bytes, rank, d_in, x, x_bytes, n_tokens, order, row_begin,
-                               row_end, t, t_bytes, scratch, scratch_bytes, flags);
-    if (s != EORA_OK) return s;
-    if (row_begin == row_end) return EORA_OK;
-    const eora_lora_kernels *lk = select_lora(flags);
-    const float *v = operand(lk, a_type, x, n_tokens * d_in, scratch, flags);
-    lk->rows(a_type, a, d_in, row_begin, row_end, v, n_tokens, order, t, rank, 1.0f, 0);
-    return EORA_OK;
+    return lora_rows("lora_t", a_type, a, a_bytes, rank, d_in, x, x_bytes, n_tokens, order, row_begin, row_end, t,
+                     t_bytes, scratch, scratch_bytes, flags, 1.0f, 0);
 }
 
 EORA_API eora_status eora_lora_add(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
                                    const float *t, size_t t_bytes, int64_t n_tokens, float scale, int order,
                                    int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, void *scratch,
                                    size_t scratch_bytes, unsigned flags) {
-    eora_status s = check_lora("lora_add", b_type, b, b_bytes, d_out, rank, t, t_bytes, n_tokens, order, row_begin,
-                               row_end, y, y_bytes, scratch, scratch_bytes, flags);
-    if (s != EORA_OK) return s;
-    if (row_begin == row_end) return EORA_OK;
-    const eora_lora_kernels *lk = select_lora(flags);
-    const float *v = operand(lk, b_type, t, n_tokens * rank, scratch, flags);
-    lk->rows(b_type, b, rank, row_begin, row_end, v, n_tokens, order, y, d_out, scale, 1);
-    return EORA_OK;
+    return lora_rows("lora_add", b_type, b, b_bytes, d_out, rank, t, t_bytes, n_tokens, order, row_begin, row_end, y,
+                     y_bytes, scratch, scratch_bytes, flags, scale, 1);
 }
