@@ -101,12 +101,16 @@ def run(llama: llamacpp.LlamaCpp, tool: str, args: list, env: dict[str, str] | N
     return res
 
 
-def logits(llama, model, text, loras, out: Path, env=None, ctx=128, chunks=4) -> tuple[bytes, subprocess.CompletedProcess]:
+def logits(llama, model, text, loras, out: Path, env=None, ctx=128, chunks=4,
+           batch=None) -> tuple[bytes, subprocess.CompletedProcess]:
     """llama-perplexity's --kl-divergence-base file: every evaluated token's log-probabilities, each row with its
     fp32 scale and minimum. Equal files from two builds mean equal logits to the last bit that survives llama.cpp's
-    16-bit coding (and exactly equal row maxima)."""
+    16-bit coding (and exactly equal row maxima). `batch`: tokens per llama_decode (default: a chunk; 1: one token
+    at a time, as generation decodes)."""
     args = ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS, "--no-warmup",
             "--kl-divergence-base", out]
+    if batch:
+        args += ["-b", batch]
     if loras:  # several adapters: one comma-separated --lora (a repeated --lora keeps only the last)
         args += ["--lora", ",".join(map(str, loras))]
     res = run(llama, "llama-perplexity", args, env)
@@ -184,19 +188,24 @@ def tiny(tiny_gguf, llama, patched, tmp_path_factory):
 PROMPT = "the model reads a quantized weight and"
 
 
-def assert_stock_bits(tiny, llama, patched, quant, loras, env=None, n=64) -> tuple[dict, dict]:
-    """Patched and stock llama.cpp give the same logits over the text and the same greedy text; returns the
-    EORA_LLAMA_STATS counts of the patched perplexity (batches) and generation (prompt + one-token decode)."""
+def assert_stock_bits(tiny, llama, patched, quant, loras, env=None, n=64) -> tuple[dict, dict, dict]:
+    """Patched and stock llama.cpp give the same logits over the text, as batches and one token at a time, and the
+    same greedy text; returns the EORA_LLAMA_STATS counts of the patched perplexity in batches, the one at a time,
+    and the generation (prompt + one-token decode)."""
     model, d = tiny["models"][quant], tiny["dir"]
     tag = f"{quant}-{len(loras)}-{Path(loras[0]).stem if loras else 'none'}"
     want, _ = logits(llama, model, tiny["text"], loras, d / f"stock-{tag}.bin")
     got, res = logits(patched, model, tiny["text"], loras, d / f"patched-{tag}.bin", env)
     assert got == want, f"{quant}: patched logits differ from stock"
     batch = stats(res.stderr)
+    want, _ = logits(llama, model, tiny["text"], loras, d / f"stock-{tag}-b1.bin", chunks=2, batch=1)
+    got, res = logits(patched, model, tiny["text"], loras, d / f"patched-{tag}-b1.bin", env, chunks=2, batch=1)
+    assert got == want, f"{quant}: patched logits differ from stock, one token at a time"
+    decode = stats(res.stderr)
     gen_stock, _ = generate(llama, model, loras, PROMPT, n=n)
     gen_patched, res = generate(patched, model, loras, PROMPT, env, n=n)
     assert same_generation(gen_patched, gen_stock), (quant, gen_patched, gen_stock)
-    return batch, stats(res.stderr)
+    return batch, decode, stats(res.stderr)
 
 
 @pytest.mark.llama_cpp
@@ -204,12 +213,13 @@ def assert_stock_bits(tiny, llama, patched, quant, loras, env=None, n=64) -> tup
 def test_patched_gives_stock_bits(quant, tiny, llama, patched):
     """Every weight type, repacked by stock llama.cpp (Q4_0, Q4_K on x86) or not: the stock bits, no adapter left
     to the stock ops, and the one-token path fused wherever ggml multiplies W with vec_dot."""
-    batch, gen = assert_stock_bits(tiny, llama, patched, quant, [tiny["lora"]])
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, quant, [tiny["lora"]])
     # perplexity: batches of 128 tokens, every adapter added after ggml's own product (t from ggml's GEMM)
     assert batch["added"] > 0 and batch["stock"] == 0 and batch["fused"] == 0 and batch["added_runs"] > 0, batch
     assert gen["stock"] == 0 and gen["t_built"] > 0, gen  # the prompt (a few tokens): t in our op
     if quant in ("Q5_0", "Q8_0"):  # never repacked on the CPU: decode fuses W and its adapter
         assert gen["fused"] > 0 and gen["fused_runs"] >= 7 * 2 * 60, gen
+        assert dec["fused_runs"] > 2 * 128 and dec["stock"] == 0, dec  # fused products on every token of 2 chunks
     if quant == "Q4_0":  # repacked where ggml has the kernels (x86 AVX2): the adapter is added after ggml's product
         assert gen["added_runs"] > gen["t_runs"] / 2, gen
     assert not same_generation(generate(llama, tiny["models"][quant], [], PROMPT)[0],
@@ -221,7 +231,7 @@ def test_odd_rank_and_f32_adapters(tiny, llama, patched):
     """Rank 6 (ggml's vec_dot path for every batch size: rows not in fours; dots shorter than a block) and F32
     adapters: the stock bits through the patched ops."""
     for lora in (tiny["lora_r6"], tiny["lora_f32"]):
-        batch, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [lora], n=32)
+        batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [lora], n=32)
         assert batch["stock"] == 0 and gen["stock"] == 0 and gen["fused"] > 0, (lora.name, batch, gen)
 
 
@@ -229,7 +239,7 @@ def test_odd_rank_and_f32_adapters(tiny, llama, patched):
 def test_unsupported_adapter_type_keeps_the_stock_ops(tiny, llama, patched):
     """A Q8_0 adapter: ggml quantizes the input of its products, which the patch does not reproduce, so it keeps
     the stock ops (and their bits)."""
-    batch, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora_q8"]], n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora_q8"]], n=32)
     assert batch["stock"] == batch["stock_type"] > 0 and batch["fused"] == batch["added"] == 0, batch
     assert gen["fused_runs"] == gen["added_runs"] == 0, gen
 
@@ -237,7 +247,7 @@ def test_unsupported_adapter_type_keeps_the_stock_ops(tiny, llama, patched):
 @pytest.mark.llama_cpp
 def test_disabled_is_exactly_stock(tiny, llama, patched):
     """EORA_LLAMA_FUSE=0: nothing fused, the stock graph (and bits)."""
-    batch, gen = assert_stock_bits(tiny, llama, patched, "Q4_K_M", [tiny["lora"]], {"EORA_LLAMA_FUSE": "0"}, n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q4_K_M", [tiny["lora"]], {"EORA_LLAMA_FUSE": "0"}, n=32)
     for s in (batch, gen):
         assert s["fused"] == s["added"] == 0 and s["stock_disabled"] > 0 and s["stock"] == s["stock_disabled"], s
 
@@ -245,14 +255,23 @@ def test_disabled_is_exactly_stock(tiny, llama, patched):
 @pytest.mark.llama_cpp
 def test_adapter_only_mode(tiny, llama, patched):
     """EORA_LLAMA_FUSE=adapter: W x stays ggml's node at every batch size, only the adapter ops are ours."""
-    batch, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"]], {"EORA_LLAMA_FUSE": "adapter"}, n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"]], {"EORA_LLAMA_FUSE": "adapter"}, n=32)
     assert gen["fused"] == 0 and gen["added"] > 0 and gen["stock"] == 0, gen
+
+
+@pytest.mark.llama_cpp
+def test_fused_without_prefetch(tiny, llama, patched):
+    """EORA_LLAMA_PREFETCH=0: the fused ops split W's rows half and half instead of by prefetched bytes, and
+    prefetch nothing: still fused, still the stock bits."""
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q8_0", [tiny["lora"]], {"EORA_LLAMA_PREFETCH": "0"}, n=32)
+    assert gen["fused"] > 0 and gen["fused_runs"] > 0 and gen["stock"] == 0, gen
+    assert dec["fused_runs"] > 0, dec
 
 
 @pytest.mark.llama_cpp
 def test_two_adapters(tiny, llama, patched):
     """The first adapter of a weight is fused with it at one token, the second is added by the adapter ops."""
-    batch, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"], tiny["lora2"]], n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"], tiny["lora2"]], n=32)
     assert batch["stock"] == gen["stock"] == 0 and gen["fused"] > 0 and gen["added"] >= gen["fused"], gen
 
 
@@ -360,8 +379,8 @@ def smol(llama, patched):
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize("quant", ["Q2_K", "Q4_K_M"])
 def test_smollm2_eora_patched_matches_stock(quant, smol, llama, patched, tmp_path):
-    """SmolLM2 with a real rank-64 EoRA adapter: the same logits over 4 x 512 tokens of the eval text and the same
-    64-token greedy generation as stock llama.cpp."""
+    """SmolLM2 with a real rank-64 EoRA adapter: the same logits over 4 x 512 tokens of the eval text (as batches,
+    and 512 of them one token at a time) and the same 64-token greedy generation as stock llama.cpp."""
     models, text = smol
     model, adapter = models[quant]
     want, _ = logits(llama, model, text, [adapter], tmp_path / "stock.bin", ctx=512)
@@ -369,6 +388,11 @@ def test_smollm2_eora_patched_matches_stock(quant, smol, llama, patched, tmp_pat
     s = stats(res.stderr)
     assert s["added"] > 0 and s["stock"] == 0, s
     assert got == want
+    want, _ = logits(llama, model, text, [adapter], tmp_path / "stock-b1.bin", ctx=512, chunks=1, batch=1)
+    got, res = logits(patched, model, text, [adapter], tmp_path / "patched-b1.bin", ctx=512, chunks=1, batch=1)
+    s = stats(res.stderr)
+    assert s["fused_runs"] > 512 and s["stock"] == 0, s
+    assert got == want, "one token at a time: patched logits differ from stock"
     prompt = "The capital of France is a city where"
     gen_stock, _ = generate(llama, model, [adapter], prompt)
     gen_patched, res = generate(patched, model, [adapter], prompt)

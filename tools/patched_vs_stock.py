@@ -1,11 +1,12 @@
 """One model + adapter under stock llama.cpp and the patched build: perplexity and whether every logit is the same.
 
-    python tools/patched_vs_stock.py MODEL.gguf ADAPTER.gguf [--chunks 32] [--threads 2] [--json OUT.json]
+    python tools/patched_vs_stock.py MODEL.gguf ADAPTER.gguf [--chunks 32] [--threads 2] [--batch 1] [--json OUT.json]
 
 Both builds run llama-perplexity (-c 512) with --kl-divergence-base, which writes each evaluated token's
 log-probabilities with their fp32 row scale and minimum; the patched build reproduces stock's arithmetic, so the
-two files should be equal byte for byte (issue #6). Needs `eora-gguf setup-llama-cpp` and
-`eora-gguf setup-llama-cpp --patched`; text: the demo eval text unless --text.
+two files should be equal byte for byte (issue #6). By default each 512-token chunk is one batch (the patch's
+"added" path); --batch 1 decodes it one token at a time, as generation does (its fused path). Needs
+`eora-gguf setup-llama-cpp` and `eora-gguf setup-llama-cpp --patched`; text: the demo eval text unless --text.
 """
 from __future__ import annotations
 
@@ -23,18 +24,21 @@ def main() -> None:
     ap.add_argument("adapter")
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="tokens per llama_decode (default: the whole chunk)")
     ap.add_argument("--text", default=None, help="perplexity text (default: the demo eval text)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     builds = {"stock": llamacpp.locate(progress=False), "patched": llamacpp.locate_patched(build=False)}
     text = Path(args.text) if args.text else assets.demo_dir() / "data" / "eval.txt"
-    result = {"model": args.model, "adapter": args.adapter, "chunks": args.chunks, "threads": args.threads, "ppl": {}}
+    result = {"model": args.model, "adapter": args.adapter, "chunks": args.chunks, "threads": args.threads,
+              "batch": args.batch or 512, "ppl": {}}
     logits = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, llama in builds.items():
             out = Path(tmp) / f"{name}.bin"
             res = llamacpp.perplexity(llama, args.model, text, lora=[args.adapter], ctx=512, chunks=args.chunks,
-                                      threads=args.threads, extra_args=["--kl-divergence-base", str(out)])
+                                      threads=args.threads, batch=args.batch,
+                                      extra_args=["--kl-divergence-base", str(out)])
             result["ppl"][name] = res.ppl
             logits[name] = out.read_bytes()
             print(f"{name}: perplexity {res.ppl:.4f}")
