@@ -255,7 +255,8 @@ def test_disabled_is_exactly_stock(tiny, llama, patched):
 @pytest.mark.llama_cpp
 def test_adapter_only_mode(tiny, llama, patched):
     """EORA_LLAMA_FUSE=adapter: W x stays ggml's node at every batch size, only the adapter ops are ours."""
-    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"]], {"EORA_LLAMA_FUSE": "adapter"}, n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora"]], {"EORA_LLAMA_FUSE": "adapter"},
+                                        n=32)
     assert gen["fused"] == 0 and gen["added"] > 0 and gen["stock"] == 0, gen
 
 
@@ -263,7 +264,8 @@ def test_adapter_only_mode(tiny, llama, patched):
 def test_fused_without_prefetch(tiny, llama, patched):
     """EORA_LLAMA_PREFETCH=0: the fused ops split W's rows half and half instead of by prefetched bytes, and
     prefetch nothing: still fused, still the stock bits."""
-    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q8_0", [tiny["lora"]], {"EORA_LLAMA_PREFETCH": "0"}, n=32)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q8_0", [tiny["lora"]], {"EORA_LLAMA_PREFETCH": "0"},
+                                        n=32)
     assert gen["fused"] > 0 and gen["fused_runs"] > 0 and gen["stock"] == 0, gen
     assert dec["fused_runs"] > 0, dec
 
