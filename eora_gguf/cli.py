@@ -70,14 +70,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> dict:
-    from . import assets, llamacpp
+    from . import assets, llama_eval, llamacpp
 
     llama = llamacpp.locate(progress=not args.json)
     text = assets.text_file(args.text)
-    res = llamacpp.perplexity(llama, args.model, text, lora=args.lora or (), ctx=args.ctx, chunks=args.chunks,
-                              threads=args.threads, verbose=args.verbose)
-    return {"model": args.model, "lora": args.lora or [], "text": str(text), "ppl": res.ppl, "stderr": res.stderr,
-            "ctx": res.ctx, "tokens": res.tokens}
+    res = llama_eval.text_eval(llama, args.model, text=text, lora=args.lora or (), ctx=args.ctx, chunks=args.chunks,
+                               threads=args.threads, verbose=args.verbose)
+    return {"model": args.model, "lora": args.lora or [], "text": str(text), "ppl": res.ppl,
+            "stderr": res.ppl_stderr, "ctx": res.ctx, "chunks": res.chunks, "tokens": res.tokens}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict:
@@ -133,8 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     task_names = parse_tasks(args.tasks) if args.tasks else []
     ppl = args.ppl if args.ppl or task_names else "eval"
     llama = llamacpp.locate(progress=not args.json)
+    if args.reference and not ppl:
+        raise EoraError("--reference measures KL divergence over the --ppl text: give --ppl too")
     res = evaluate(args.model, lora=args.lora or (), ppl_text=assets.text_file(ppl) if ppl else None,
-                   ctx=args.ctx, chunks=args.chunks or None, task_names=task_names, limit=args.limit,
+                   ctx=args.ctx, chunks=args.chunks or None, reference=args.reference, task_names=task_names,
+                   limit=args.limit,
                    threads=args.threads, gsm8k_max_new=args.max_new, llama=llama, verbose=args.verbose)
     if args.output:
         from .errors import atomic_output
@@ -144,6 +147,24 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if not args.json:
         return {"table": format_result(res)}
     return res
+
+
+def cmd_ladder(args: argparse.Namespace) -> dict:
+    from . import assets
+    from .ladder import DEFAULT_TYPES, run_ladder
+
+    hf_dir = Path(args.hf_dir) if args.hf_dir else assets.demo_model_dir()
+    types = [t.strip() for t in (args.types or ",".join(DEFAULT_TYPES)).split(",") if t.strip()]
+    if args.chunks is not None and args.chunks < 1:
+        raise EoraError(f"--chunks must be >= 1, got {args.chunks}")
+    res = run_ladder(hf_dir, Path(args.output), calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+                     text=assets.text_file(args.text), types=types, ctx=args.ctx, chunks=args.chunks,
+                     threads=args.threads, verbose=args.verbose)
+    if args.json:
+        return res
+    from .ladder import markdown
+
+    return {"outputs": res["outputs"], "table": markdown(res)}
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
@@ -268,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lora", action="append", metavar="ADAPTER.gguf")
     sp.add_argument("--ppl", metavar="FILE", help="perplexity text: a file or built-in 'eval' / 'demo' (default "
                                                   "'eval' when no --tasks are given)")
+    sp.add_argument("--reference", metavar="F16.gguf", help="also the KL divergence to this model (its F16 GGUF) "
+                                                            "and top-1 agreement over the --ppl text")
     sp.add_argument("--ctx", type=int, default=512, help="perplexity context (default 512)")
     sp.add_argument("--chunks", type=int, default=32, help="perplexity chunks (default 32; 0 = the whole text)")
     sp.add_argument("--tasks", help="comma-separated: arc_easy, arc_challenge (test sets), arc_easy_val, "
@@ -280,6 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("sweep", cmd_run, "quant types x ranks x methods, reusing one calibration: perplexity and task "
                                "accuracy of each, written to <workdir>/<model>/sweep.json (then `report`)")
     pipeline_options(sp, rank="0,16,64", method="eora,svd", tasks="arc_easy,arc_challenge")
+
+    sp = verb("ladder", cmd_ladder, "accuracy per byte: every stock quantization type with and without an "
+                                   "importance matrix against the best base + EoRA adapter pair of no more bytes "
+                                   "(KL divergence to F16); writes DIR/ladder.json, ladder.md, ladder.png")
+    sp.add_argument("hf_dir", nargs="?", metavar="HF_DIR", help="HF model folder (default: the SmolLM2 demo)")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR")
+    calib_options(sp)
+    sp.add_argument("--text", default="eval", help="evaluation text, disjoint from --calib (default: built-in "
+                                                   "'eval', LAMBADA)")
+    sp.add_argument("--types", help="comma-separated stock types (default: " + "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,"
+                                    "Q4_K_M,Q5_K_M,IQ3_XXS,IQ3_S,IQ4_XS,Q4_0)")
+    sp.add_argument("--ctx", type=int, default=512)
+    sp.add_argument("--chunks", type=int, default=32)
+    sp.add_argument("--threads", type=int)
 
     sp = verb("report", cmd_report, "Markdown + JSON tables and a Pareto plot (bits per weight vs perplexity and "
                                    "accuracy) from a sweep")

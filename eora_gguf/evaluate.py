@@ -1,4 +1,10 @@
-"""`eora-gguf eval`: perplexity and task accuracy of a GGUF model (+ adapters), all through llama.cpp."""
+"""`eora-gguf eval`: KL divergence to the F16 model, perplexity and task accuracy of a GGUF model (+ adapters),
+all through llama.cpp.
+
+KL divergence is how llama.cpp people judge a quantization: the reference (F16) model's next-token distributions
+over a text are stored once (`llama_eval.kld_base`, cached), and each quantized model (+ adapters) is compared
+with them token by token (mean KLD, top-1 agreement), with its perplexity over the same tokens.
+"""
 from __future__ import annotations
 
 import logging
@@ -15,9 +21,14 @@ log = logging.getLogger(__name__)
 
 def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[str]] = (),
              ppl_text: str | os.PathLike[str] | None = None, ctx: int = 512, chunks: int | None = 32,
+             reference: str | os.PathLike[str] | None = None, kld_cache: str | os.PathLike[str] | None = None,
              task_names: Sequence[str] = (), limit: int | None = None, threads: int | None = None,
              gsm8k_max_new: int = 256, llama: llamacpp.LlamaCpp | None = None, verbose: bool = False) -> dict:
-    """Perplexity over `ppl_text` (if given) and each task's metrics, with the seconds each took."""
+    """Perplexity over `ppl_text` (if given) — and with `reference` (the F16 GGUF), the KL divergence to it over
+    the same tokens — and each task's metrics, with the seconds each took.
+
+    kld_cache: folder for the reference's log-probabilities (default: the eora-gguf cache).
+    """
     llamacpp.require_gguf(model)
     for a in lora:
         llamacpp.require_gguf(a)
@@ -25,13 +36,34 @@ def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[
         raise EoraError("nothing to evaluate: give --ppl and/or --tasks")
     if limit is not None and limit < 1:
         raise EoraError(f"--limit must be >= 1, got {limit}")
+    if reference is not None and ppl_text is None:
+        raise EoraError("KL divergence needs a text (--ppl) to compare the models on")
+    if reference is not None:
+        llamacpp.require_gguf(reference)
     llama = llama or llamacpp.locate()
     result: dict = {"model": str(model), "lora": [str(a) for a in lora], "tasks": {}}
     if ppl_text is not None:
         t0 = time.perf_counter()
-        p = llamacpp.perplexity(llama, model, ppl_text, lora=lora, ctx=ctx, chunks=chunks, threads=threads,
-                                verbose=verbose)
-        result["perplexity"] = {"ppl": p.ppl, "stderr": p.stderr, "ctx": ctx, "chunks": len(p.chunks),
+        if reference is None:
+            p = llama_eval.text_eval(llama, model, text=ppl_text, lora=lora, ctx=ctx, chunks=chunks, threads=threads,
+                                     verbose=verbose)
+        else:
+            base, ref = llama_eval.kld_base(llama, reference, ppl_text, ctx=ctx, chunks=chunks, threads=threads,
+                                            cache=kld_cache, verbose=verbose)
+            if Path(model).resolve() == Path(reference).resolve() and not lora:
+                # the reference against itself: KLD 0 by definition, no second run
+                p = llama_eval.TextEval(**{**ref.as_dict(), "kld": 0.0, "kld_stderr": 0.0, "kld_median": 0.0,
+                                           "kld_p99": 0.0, "top1": 1.0, "top1_stderr": 0.0, "ppl_base": ref.ppl,
+                                           "rms_dp": 0.0})
+            else:
+                p = llama_eval.text_eval(llama, model, base=base, lora=lora, chunks=chunks, threads=threads,
+                                         verbose=verbose)
+            result["divergence"] = {"kld": p.kld, "kld_stderr": p.kld_stderr, "kld_median": p.kld_median,
+                                    "kld_p99": p.kld_p99, "top1": p.top1, "top1_stderr": p.top1_stderr,
+                                    "rms_dp": p.rms_dp, "reference": str(reference), "ppl_reference": ref.ppl}
+            log.info("KL divergence to %s: %.5f (top-1 agreement %.2f%%)", Path(reference).name, p.kld,
+                     100 * p.top1)
+        result["perplexity"] = {"ppl": p.ppl, "stderr": p.ppl_stderr, "ctx": p.ctx, "chunks": p.chunks,
                                 "tokens": p.tokens, "text": str(ppl_text),
                                 "seconds": round(time.perf_counter() - t0, 2)}
         log.info("perplexity %.4f", p.ppl)
@@ -59,10 +91,14 @@ def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[
 def format_result(result: dict) -> str:
     """A short human-readable summary of `evaluate`'s result."""
     lines = [f"model: {Path(result['model']).name}" + "".join(f" + {Path(a).name}" for a in result["lora"])]
+    if "divergence" in result:
+        d = result["divergence"]
+        lines.append(f"KL divergence to {Path(d['reference']).name}: {d['kld']:.5f} ± {d['kld_stderr']:.5f}, "
+                     f"top-1 agreement {100 * d['top1']:.2f}% (reference perplexity {d['ppl_reference']:.4f})")
     if "perplexity" in result:
         p = result["perplexity"]
-        lines.append(f"perplexity: {p['ppl']:.4f} ± {p['stderr']:.4f} ({p['chunks']} × {p['ctx']} tokens, "
-                     f"{p['seconds']:.0f} s)")
+        lines.append(f"perplexity: {p['ppl']:.4f} ± {p['stderr']:.4f} ({p['chunks']} × {p['ctx']} tokens "
+                     f"of which {p['tokens']} scored, {p['seconds']:.0f} s)")
     for name, m in result["tasks"].items():
         if "acc" in m:
             lines.append(f"{name} ({m['split']}, n={m['n']}): acc {m['acc']:.2f} ± {m['acc_stderr']:.2f}, "

@@ -478,20 +478,6 @@ def require_gguf(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class Perplexity:
-    ppl: float
-    stderr: float
-    chunks: list[float]
-    ctx: int
-    tokens: int
-
-
-_FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-_CHUNK = re.compile(r"\[(\d+)\]([0-9.]+|nan|inf)")
-_N_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks")
-
-
 def _perplexity_args(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
                      lora: Sequence[str | os.PathLike[str]], ctx: int, chunks: int | None,
                      threads: int | None) -> list[str | os.PathLike[str]]:
@@ -509,35 +495,6 @@ def _perplexity_args(llama: LlamaCpp, model: str | os.PathLike[str], text_file: 
     if threads:
         args += ["-t", str(threads)]
     return args
-
-
-def perplexity(llama: LlamaCpp, model: str | os.PathLike[str], text_file: str | os.PathLike[str], *,
-               lora: Sequence[str | os.PathLike[str]] = (), ctx: int = 512, chunks: int | None = None,
-               threads: int | None = None, batch: int | None = None, extra_args: Sequence[str] = (),
-               env: dict[str, str] | None = None, verbose: bool = False) -> Perplexity:
-    """llama-perplexity over a text file (`env`: extra environment variables for it); returns the final estimate
-    and the running per-chunk values."""
-    args = _perplexity_args(llama, model, text_file, lora=lora, ctx=ctx, chunks=chunks, threads=threads)
-    if batch:
-        args += ["-b", str(batch)]
-    args += list(extra_args)
-    # The pinned llama.cpp logs through an async queue that it does not drain at exit (see the comment in
-    # common/log.cpp's common_log_main), so the last lines are sometimes lost. The running value "[k]ppl" after
-    # the last chunk equals the final estimate, so use it when the final line is missing; else run again.
-    for attempt in range(3):
-        res = run_tool(args, f"llama-perplexity on {Path(model).name}", env=env, verbose=verbose)
-        text = res.stdout + res.stderr
-        values = [float(v) for _, v in _CHUNK.findall(res.stdout)]
-        total = _N_CHUNKS.search(text)
-        n_chunks = int(total[1]) if total else len(values)
-        m = _FINAL.search(text)
-        if m:
-            return Perplexity(ppl=float(m[1]), stderr=float(m[2]), chunks=values, ctx=ctx, tokens=n_chunks * ctx)
-        if total and len(values) == n_chunks:
-            log.warning("llama-perplexity lost its last log lines; using the running value after chunk %d", n_chunks)
-            return Perplexity(ppl=values[-1], stderr=float("nan"), chunks=values, ctx=ctx, tokens=n_chunks * ctx)
-        log.warning("llama-perplexity lost its final log lines (attempt %d); running it again", attempt + 1)
-    raise EoraError(f"llama-perplexity printed no final estimate: {_last_error_line(text)}")
 
 
 def read_logprobs_file(path: str | os.PathLike[str]) -> tuple[Any, Any]:

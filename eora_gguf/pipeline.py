@@ -2,7 +2,9 @@
 
 HF model (or the SmolLM2 demo) -> F16 GGUF -> each quantization -> calibration statistics (once, reused by every
 quant, method and rank) -> an adapter per (quant, method, rank) -> llama-perplexity of each with and without
-its adapter. Outputs go to `<workdir>/<model name>/`; a step whose output exists is reused unless --force.
+its adapter: mean KL divergence to the F16 model and top-1 agreement (the F16 model's log-probabilities over the
+text are computed once, under `<workdir>/<model name>/kld/`) and perplexity over the same tokens.
+Outputs go to `<workdir>/<model name>/`; a step whose output exists is reused unless --force.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def run_all(args: argparse.Namespace) -> dict:
             compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen).save(stats_file)
 
     def measure(model: Path, lora: list[Path]) -> dict:
-        return _evaluate_cached(work, model, lora, text, args, llama)
+        return _evaluate_cached(work, model, lora, text, args, llama, reference=base)
 
     f16 = measure(base, [])
     ppl_f16 = f16["perplexity"]["ppl"]
@@ -113,20 +115,22 @@ def run_all(args: argparse.Namespace) -> dict:
 
 
 def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args: argparse.Namespace,
-                     llama: llamacpp.LlamaCpp) -> dict:
+                     llama: llamacpp.LlamaCpp, reference: Path | None = None) -> dict:
     """`evaluate.evaluate` of one configuration, reused from `<work>/eval/` while its inputs are unchanged."""
     from .evaluate import evaluate
 
     task_names, limit = _task_options(args)
-    files = [model, *lora, text]
+    files = [model, *lora, text] + ([reference] if reference else [])
     key_src = json.dumps({"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-                          "ctx": args.ctx, "chunks": args.chunks, "tasks": task_names, "limit": limit})
+                          "ctx": args.ctx, "chunks": args.chunks, "tasks": task_names, "limit": limit,
+                          "reference": str(reference)})
     cache = work / "eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:16] + ".json")
     if cache.is_file() and not args.force:
         return json.loads(cache.read_text())
     log.info("evaluating %s%s", model.name, f" + {lora[0].name}" if lora else "")
-    res = evaluate(model, lora=lora, ppl_text=text, ctx=args.ctx, chunks=args.chunks, task_names=task_names,
-                   limit=limit, threads=args.threads, llama=llama, verbose=args.verbose)
+    res = evaluate(model, lora=lora, ppl_text=text, ctx=args.ctx, chunks=args.chunks, reference=reference,
+                   kld_cache=work / "kld", task_names=task_names, limit=limit, threads=args.threads, llama=llama,
+                   verbose=args.verbose)
     cache.parent.mkdir(exist_ok=True)
     with atomic_output(cache) as tmp:
         tmp.write_text(json.dumps(res, indent=1))
@@ -146,13 +150,17 @@ def _row(quant: str, method: str, rank: int, res: dict, model: Path, adapter: Pa
     model_bytes = model.stat().st_size
     adapter_bytes = adapter.stat().st_size if adapter else 0
     ppl = res["perplexity"]
+    div = res.get("divergence") or {}
     row = {"quant": quant, "method": method, "rank": rank, "ppl": ppl["ppl"], "ppl_stderr": ppl["stderr"],
-           "model_bytes": model_bytes, "adapter_bytes": adapter_bytes,
+           "kld": div.get("kld"), "kld_stderr": div.get("kld_stderr"), "top1": div.get("top1"),
+           "model_bytes": model_bytes, "adapter_bytes": adapter_bytes, "bytes": model_bytes + adapter_bytes,
            "bpw": 8.0 * (model_bytes + adapter_bytes) / n_weights, "gap_recovered_pct": None,
            "tasks": res.get("tasks", {}), "gap_recovered_tasks": {},
            "model": str(model), "adapter": str(adapter) if adapter else None}
     if f16 is not None and plain is not None:
         row["gap_recovered_pct"] = _gap(f16["perplexity"]["ppl"], plain["perplexity"]["ppl"], ppl["ppl"])
+        if row["kld"] is not None and (plain.get("divergence") or {}).get("kld") is not None:
+            row["kld_recovered_pct"] = _gap(0.0, plain["divergence"]["kld"], row["kld"])
         for name, m in row["tasks"].items():
             metric = "acc_norm" if "acc_norm" in m else "exact_match"
             if name in f16.get("tasks", {}) and name in plain.get("tasks", {}):
@@ -172,13 +180,15 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table of the rows: perplexity, each task's accuracy, sizes and the gap recovered."""
     task_cols = [(name, "acc_norm" if "acc_norm" in m else "exact_match")
                  for name, m in (rows[0].get("tasks") or {}).items()] if rows else []
-    head = ["model", "method", "rank", "perplexity"] + [f"{n} {m}" for n, m in task_cols] + \
+    head = ["model", "method", "rank", "KLD to F16", "top-1 %", "perplexity"] + [f"{n} {m}" for n, m in task_cols] + \
         ["model MB", "adapter MB", "bits/weight (incl. adapter)", "gap recovered (ppl)"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         gap = f"{r['gap_recovered_pct']:.1f}%" if r["gap_recovered_pct"] is not None else ""
         tasks = [f"{r['tasks'][n][m]:.2f}" if n in r.get("tasks", {}) else "" for n, m in task_cols]
-        cells = [r["quant"], r["method"], str(r["rank"] or ""), f"{r['ppl']:.3f}", *tasks,
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else ""
+        top1 = f"{100 * r['top1']:.2f}" if r.get("top1") is not None else ""
+        cells = [r["quant"], r["method"], str(r["rank"] or ""), kld, top1, f"{r['ppl']:.3f}", *tasks,
                  f"{r['model_bytes'] / 1e6:.1f}", f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['bpw']:.3f}", gap]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

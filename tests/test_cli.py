@@ -85,6 +85,7 @@ def test_run_end_to_end_then_reuses_its_files(tiny_hf, llama, tmp_path, capsys):
         assert 1 < r["ppl"] < 1e4 and Path(r["model"]).is_file()
         assert (r["adapter"] is None) == (r["rank"] == 0) and (r["adapter_bytes"] > 0) == (r["rank"] > 0)
         assert (r["gap_recovered_pct"] is None) == (r["rank"] == 0)
+        assert (r["kld"] == 0.0) == (r["quant"] == "F16") and r["kld"] >= 0 and 0 < r["top1"] <= 1
     assert summary["calib_tokens"] == 4 * 64 and summary["chunks"] == 2 and summary["ctx"] == 64
     made = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")}
     assert len(made) == 5  # F16, Q2_K, calibration statistics, two adapters

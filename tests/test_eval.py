@@ -240,7 +240,7 @@ def test_sweep_then_report(tiny_hf, llama, tmp_path, capsys, monkeypatch):
     md = Path(rep["markdown"]).read_text()
     assert json.loads(Path(rep["json"]).read_text())["rows"] == sweep["rows"]
     for r in sweep["rows"]:  # every row's numbers appear in the Markdown, formatted from the sweep
-        assert f"{r['ppl']:.3f}" in md and f"{r['bpw']:.3f}" in md
+        assert f"{r['ppl']:.3f}" in md and f"{r['bpw']:.3f}" in md and f"{r['kld']:.4f}" in md
         m = r["tasks"]["arc_easy"]
         assert f"{m['acc']:.2f} / {m['acc_norm']:.2f}" in md
     # evaluation results are cached per configuration: a second sweep re-reads them

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from eora_gguf import llamacpp
+from eora_gguf import llama_eval, llamacpp
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError, atomic_output
 
@@ -73,9 +73,9 @@ def test_quantize_q2_k_and_legacy_types(tiny_gguf, llama, tmp_path):
 def test_perplexity_runs_on_tiny_model(tiny_gguf, llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
-    res = llamacpp.perplexity(llama, tiny_gguf("llama"), text, ctx=128, chunks=2, threads=2)
+    res = llama_eval.text_eval(llama, tiny_gguf("llama"), text=text, ctx=128, chunks=2, threads=2)
     assert np.isfinite(res.ppl) and res.ppl > 1
-    assert len(res.chunks) == 2
+    assert res.chunks == 2
 
 
 def test_perplexity_runs_on_quantized_tiny_model(tiny_gguf, llama, tmp_path):
@@ -85,7 +85,7 @@ def test_perplexity_runs_on_quantized_tiny_model(tiny_gguf, llama, tmp_path):
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
     for qtype in ("Q4_0", "Q4_K_M"):
         q = llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / f"{qtype}.gguf", qtype)
-        res = llamacpp.perplexity(llama, q, text, ctx=128, chunks=2, threads=2)
+        res = llama_eval.text_eval(llama, q, text=text, ctx=128, chunks=2, threads=2)
         assert np.isfinite(res.ppl) and res.ppl > 1, qtype
 
 

@@ -2,8 +2,9 @@
 
     python tools/patched_vs_stock.py MODEL.gguf ADAPTER.gguf [--chunks 32] [--threads 2] [--batch 1] [--json OUT.json]
 
-Both builds run llama-perplexity (-c 512) with --kl-divergence-base, which writes each evaluated token's
-log-probabilities with their fp32 row scale and minimum; the patched build reproduces stock's arithmetic, so the
+Both builds evaluate the text as llama-perplexity does (-c 512; eora_gguf.llama_eval.text_eval, our libllama
+client) and save each evaluated token's log-probabilities with their fp32 row scale and minimum
+(llama-perplexity's --kl-divergence-base layout); the patched build reproduces stock's arithmetic, so the
 two files should be equal byte for byte (issue #6). By default each 512-token chunk is one batch (the patch's
 "added" path); --batch 1 decodes it one token at a time, as generation does (its fused path). Needs
 `eora-gguf setup-llama-cpp` and `eora-gguf setup-llama-cpp --patched`; text: the demo eval text unless --text.
@@ -15,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from eora_gguf import assets, llamacpp
+from eora_gguf import assets, llama_eval, llamacpp
 
 
 def main() -> None:
@@ -36,9 +37,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, llama in builds.items():
             out = Path(tmp) / f"{name}.bin"
-            res = llamacpp.perplexity(llama, args.model, text, lora=[args.adapter], ctx=512, chunks=args.chunks,
-                                      threads=args.threads, batch=args.batch,
-                                      extra_args=["--kl-divergence-base", str(out)])
+            res = llama_eval.text_eval(llama, args.model, text=text, lora=[args.adapter], ctx=512,
+                                       chunks=args.chunks, threads=args.threads, batch=args.batch or 2048,
+                                       save_base=out)
             result["ppl"][name] = res.ppl
             logits[name] = out.read_bytes()
             print(f"{name}: perplexity {res.ppl:.4f}")

@@ -1,0 +1,326 @@
+"""`eora-gguf ladder`: accuracy per byte — every stock rung of llama.cpp's quantization ladder, with and without an
+importance matrix, against the best eora-gguf pair (base GGUF + adapter) that fits in each rung's bytes.
+
+Measured as llama.cpp people measure a quantization: mean KL divergence to the F16 model (and top-1 agreement and
+perplexity over the same tokens) on a text disjoint from the calibration text. Every number in `ladder.json`,
+`ladder.md` and `ladder.png` is read from the files this run wrote.
+
+Steps (outputs in DIR, each reused when it exists, so an interrupted ladder resumes):
+  F16 GGUF → calibration statistics (one pass, `--calib`) → importance matrix from those statistics →
+  each stock type plain and with the imatrix → for each rung size, candidate pairs: a smaller base type (with the
+  imatrix) + an EoRA adapter that fills the remaining bytes (ranks and adapter storage type chosen by `make_pair`)
+  → KLD of everything → the best pair per rung.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import llama_eval, llamacpp
+from .errors import EoraError, atomic_output
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ3_XXS", "IQ3_S",
+                 "IQ4_XS", "Q4_0")
+# llama-quantize refuses these without an importance matrix: they have only an imatrix row.
+IMATRIX_ONLY = frozenset(llamacpp.NEEDS_IMATRIX) | {"IQ3_XXS", "IQ2_M"}
+
+
+@dataclass
+class Row:
+    """One ladder entry; `files` are relative to the ladder folder, the model first, then any adapters."""
+
+    name: str
+    kind: str  # "f16" | "stock" | "eora"
+    imatrix: bool
+    files: list[str]
+    bytes: int
+    kld: float
+    ppl: float
+    top1: float
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "imatrix": self.imatrix, "files": self.files,
+                "bytes": self.bytes, "kld": self.kld, "ppl": self.ppl, "top1": self.top1, **self.extra}
+
+
+# make_pair(base_gguf, budget_bytes, out_stem) -> (adapter paths, details) or None when nothing fits
+PairMaker = Callable[[Path, int, Path], "tuple[list[Path], dict] | None"]
+
+
+class Meter:
+    """KL divergence / perplexity / top-1 of (model, adapters) against the F16 reference, cached per input files."""
+
+    def __init__(self, llama: llamacpp.LlamaCpp, f16: Path, text: Path, *, ctx: int, chunks: int | None,
+                 threads: int | None, folder: Path, verbose: bool = False) -> None:
+        self.llama, self.threads, self.verbose = llama, threads, verbose
+        self.folder = folder
+        self.cache_file = folder / "measurements.json"
+        self.cache: dict[str, dict] = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+        t0 = time.perf_counter()
+        self.base, self.ref = llama_eval.kld_base(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads,
+                                                  cache=folder / "kld", verbose=verbose)
+        self.ref_seconds = round(time.perf_counter() - t0, 2)
+        self.chunks = chunks
+
+    def __call__(self, model: Path, lora: Sequence[Path] = ()) -> dict:
+        key = json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in (model, *lora)])
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            r = llama_eval.text_eval(self.llama, model, base=self.base, lora=lora, chunks=self.chunks,
+                                     threads=self.threads, verbose=self.verbose)
+            self.cache[key] = {"kld": r.kld, "kld_stderr": r.kld_stderr, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
+                               "top1": r.top1, "seconds": round(time.perf_counter() - t0, 2)}
+            with atomic_output(self.cache_file) as tmp:
+                tmp.write_text(json.dumps(self.cache, indent=1))
+        return self.cache[key]
+
+
+def best_per_rung(rows: Sequence[Row]) -> list[dict]:
+    """For every stock rung: the best (lowest-KLD) eora pair of no more bytes, and whether it wins on KLD and
+    perplexity against the rung with the imatrix and without."""
+    stock = [r for r in rows if r.kind == "stock"]
+    pairs = [r for r in rows if r.kind == "eora"]
+    out = []
+    for rung in sorted({r.extra["type"] for r in stock}, key=lambda t: min(r.bytes for r in stock
+                                                                         if r.extra["type"] == t)):
+        versions = {r.imatrix: r for r in stock if r.extra["type"] == rung}
+        size = min(r.bytes for r in versions.values())
+        fit = [p for p in pairs if p.bytes <= size]
+        best = min(fit, key=lambda p: p.kld) if fit else None
+        entry = {"rung": rung, "bytes": size, "best_pair": best.name if best else None,
+                 "pair_bytes": best.bytes if best else None, "pair_kld": best.kld if best else None,
+                 "pair_ppl": best.ppl if best else None}
+        for im, r in versions.items():
+            tag = "imatrix" if im else "plain"
+            entry[f"{tag}_kld"], entry[f"{tag}_ppl"] = r.kld, r.ppl
+            entry[f"wins_{tag}"] = bool(best and best.kld < r.kld and best.ppl < r.ppl)
+        out.append(entry)
+    return out
+
+
+def markdown(result: dict) -> str:
+    """ladder.md: the rows and the per-rung verdicts, every number from `result` (the content of ladder.json)."""
+    rows = result["rows"]
+    lines = [f"# Accuracy per byte: {result['model_name']}", "",
+             "Generated by `eora-gguf ladder` from `ladder.json`; every number below comes from that file.", "",
+             f"- Evaluation: `{Path(result['text']).name}`, {result['chunks']} chunks × {result['ctx']} tokens "
+             f"({result['tokens_scored']} scored); mean KL divergence to F16 (nats), top-1 agreement, perplexity.",
+             f"- Calibration (EoRA and the importance matrix): `{result['calib']}`, {result['calib_tokens']} tokens, "
+             "disjoint from the evaluation text.",
+             f"- Bytes: GGUF file + adapter files. F16: {rows[0]['bytes'] / 1e6:.1f} MB, perplexity "
+             f"{rows[0]['ppl']:.3f}.", "", "![KL divergence against total bytes](ladder.png)", "",
+             "## Per rung: the best eora-gguf pair of no more bytes", "",
+             "| rung | MB | KLD plain | KLD imatrix | best pair | pair MB | pair KLD | ppl imatrix | pair ppl | "
+             "beats imatrix | beats plain |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
+    for e in result["verdicts"]:
+        def num(v, f=".4f"):
+            return format(v, f) if v is not None else "–"
+        lines.append(f"| {e['rung']} | {e['bytes'] / 1e6:.1f} | {num(e.get('plain_kld'))} | "
+                     f"{num(e.get('imatrix_kld'))} | {e['best_pair'] or '–'} | "
+                     f"{num(e['pair_bytes'] and e['pair_bytes'] / 1e6, '.1f')} | {num(e['pair_kld'])} | "
+                     f"{num(e.get('imatrix_ppl'), '.3f')} | {num(e['pair_ppl'], '.3f')} | "
+                     f"{_yes(e.get('wins_imatrix'))} | {_yes(e.get('wins_plain'))} |")
+    lines += ["", "## All rows", "", "| name | kind | imatrix | MB | KLD | ± | top-1 % | perplexity |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        lines.append(f"| {r['name']} | {r['kind']} | {'yes' if r['imatrix'] else 'no'} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['kld']:.4f} | {r.get('kld_stderr', 0):.4f} | {100 * r['top1']:.2f} | {r['ppl']:.3f} |")
+    lines += ["", f"Wall time: {result['seconds']['total']:.0f} s (" +
+              ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items() if k != "total") + ").", ""]
+    return "\n".join(lines)
+
+
+def _yes(v: bool | None) -> str:
+    return "–" if v is None else ("**yes**" if v else "no")
+
+
+def plot(result: dict, path: Path) -> None:
+    """KLD (log) against total MB: the stock ladder plain and with the imatrix, and the eora pairs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EoraError("the plot needs matplotlib: pip install 'eora-gguf[plot]' (or matplotlib)") from None
+    rows = [r for r in result["rows"] if r["kind"] != "f16"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    for kind, im, style, label in (("stock", False, "o", "stock, no imatrix"),
+                                   ("stock", True, "s", "stock + imatrix"), ("eora", True, "*", "eora-gguf pair")):
+        sel = sorted([r for r in rows if r["kind"] == kind and r["imatrix"] == im], key=lambda r: r["bytes"])
+        if not sel:
+            continue
+        ax.plot([r["bytes"] / 1e6 for r in sel], [r["kld"] for r in sel], style, ms=8 if kind == "eora" else 6,
+                label=label, ls="none")
+        for r in sel:
+            ax.annotate(r["name"], (r["bytes"] / 1e6, r["kld"]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=6)
+    ax.set_yscale("log")
+    ax.set_xlabel("total MB (GGUF model + adapter)")
+    ax.set_ylabel("mean KL divergence to F16 (nats, log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{result['model_name']}: accuracy per byte ({Path(result['text']).name}, "
+                 f"{result['chunks']}×{result['ctx']} tokens)", fontsize=10)
+    fig.tight_layout()
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out_dir: Path) -> dict:
+    """ladder.json, ladder.md and ladder.png in out_dir."""
+    paths = {"json": out_dir / "ladder.json", "markdown": out_dir / "ladder.md", "plot": out_dir / "ladder.png"}
+    with atomic_output(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    with atomic_output(paths["markdown"]) as tmp:
+        tmp.write_text(markdown(result))
+    plot(result, paths["plot"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def rel(path: Path, root: Path) -> str:
+    return os.path.relpath(path, root)
+
+
+def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] = (8, 16, 24, 32, 48, 64, 96, 128),
+                       adapter_types: Sequence[str] = ("q8_0",), method: str = "eora") -> PairMaker:
+    """Pairs with one rank for every tensor: solve once per (base, adapter type) at the largest rank, write every
+    candidate rank (exact truncations), keep the largest whose adapter fits the budget."""
+    from . import compensate
+
+    def make(base: Path, budget: int, stem: Path) -> tuple[list[Path], dict] | None:
+        best: tuple[Path, dict] | None = None
+        for atype in adapter_types:
+            files = {r: stem.with_name(f"{stem.name}-{method}-r{r}-{atype}.gguf") for r in ranks}
+            if any(not p.is_file() for p in files.values()):
+                top = max(ranks)
+                compensate.compensate(hf_dir, base, files[top], rank=top, method=method, stats=stats_file,
+                                      adapter_type=atype, also={r: p for r, p in files.items() if r != top})
+            fit = [r for r, p in files.items() if p.stat().st_size <= budget]
+            if fit:
+                r = max(fit)
+                cand = (files[r], {"rank": r, "adapter_type": atype, "method": method})
+                if best is None or cand[0].stat().st_size > best[0].stat().st_size:
+                    best = cand
+            for r, p in files.items():  # keep only what a row uses
+                if best is None or p != best[0]:
+                    p.unlink(missing_ok=True)
+        return ([best[0]], best[1]) if best else None
+
+    return make
+
+
+def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen: int, text: Path,
+               types: Sequence[str] = DEFAULT_TYPES, ctx: int = 512, chunks: int | None = 32,
+               threads: int | None = None, bases_per_rung: int = 2, make_pair: PairMaker | None = None,
+               imatrix_file: Path | None = None, verbose: bool = False) -> dict:
+    """The whole ladder; returns the content of ladder.json (also written, with ladder.md and ladder.png)."""
+    from . import calib_data, compensate, imatrix
+    from .naming import NameMap
+
+    types = [t.upper() for t in types]
+    for t in types:
+        if t not in llamacpp.QUANT_TYPES or t in ("F16", "BF16", "F32", "COPY"):
+            raise EoraError(f"unknown or unquantized ladder type {t!r}: choose from {', '.join(DEFAULT_TYPES)} …")
+    if samples < 1 or seqlen < 8:
+        raise EoraError("--samples must be >= 1 and --seqlen >= 8")
+    calib_data.parse_spec(calib)
+    if not (hf_dir / "config.json").is_file():
+        raise EoraError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    llama = llamacpp.locate()
+
+    def step(name: str):
+        return _Timer(seconds, name)
+
+    f16 = out_dir / "model-F16.gguf"
+    with step("convert"):
+        if not f16.is_file():
+            log.info("converting %s -> %s", hf_dir.name, f16.name)
+            llamacpp.convert(llama, hf_dir, f16, outtype="f16", verbose=verbose)
+    stats_file = out_dir / "calibration.safetensors"
+    with step("calibrate"):
+        if not stats_file.is_file():
+            log.info("calibrating on %s (%d x %d tokens)", calib, samples, seqlen)
+            compensate.calibrate(hf_dir, calib, samples=samples, seqlen=seqlen).save(stats_file)
+    with step("imatrix"):
+        if imatrix_file is None:
+            imatrix_file = out_dir / "imatrix.gguf"
+            if not imatrix_file.is_file():
+                from .calibration import CalibrationStats
+
+                names = NameMap.from_config(compensate.load_config(hf_dir))
+                imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, dataset=calib)
+    with step("reference"):
+        meter = Meter(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads, folder=out_dir, verbose=verbose)
+    rows = [Row("F16", "f16", False, [rel(f16, out_dir)], f16.stat().st_size, 0.0, meter.ref.ppl, 1.0,
+                {"type": "F16", "kld_stderr": 0.0, "ppl_stderr": meter.ref.ppl_stderr})]
+
+    quants: dict[tuple[str, bool], Path] = {}
+    with step("quantize"):
+        for t in types:
+            for im in (False, True):
+                if not im and t in IMATRIX_ONLY:
+                    continue
+                q = out_dir / f"model-{t}{'-imatrix' if im else ''}.gguf"
+                if not q.is_file():
+                    log.info("quantizing -> %s", q.name)
+                    llamacpp.quantize(llama, f16, q, t, imatrix=imatrix_file if im else None, threads=threads,
+                                      verbose=verbose)
+                quants[(t, im)] = q
+    with step("measure_stock"):
+        for (t, im), q in quants.items():
+            m = meter(q)
+            rows.append(Row(f"{t}{' +imatrix' if im else ''}", "stock", im, [rel(q, out_dir)], q.stat().st_size,
+                            m["kld"], m["ppl"], m["top1"], {"type": t, "kld_stderr": m["kld_stderr"],
+                                                              "ppl_stderr": m["ppl_stderr"]}))
+    make_pair = make_pair or uniform_pair_maker(hf_dir, stats_file)
+    bases = sorted(((t, q) for (t, im), q in quants.items() if im), key=lambda x: x[1].stat().st_size)
+    sizes = sorted({min(q.stat().st_size for (t2, _), q in quants.items() if t2 == t) for t in types})
+    with step("pairs"):
+        for size in sizes:
+            below = [(t, q) for t, q in bases if q.stat().st_size < size][-bases_per_rung:]
+            for t, q in below:
+                made = make_pair(q, size - q.stat().st_size, out_dir / f"adapter-{t}-for-{size // 1000}k")
+                if made is None:
+                    continue
+                adapters, details = made
+                m = meter(q, adapters)
+                total = q.stat().st_size + sum(a.stat().st_size for a in adapters)
+                name = f"{t} +imatrix + " + " ".join(f"{k}={v}" for k, v in details.items())
+                rows.append(Row(name, "eora", True, [rel(q, out_dir)] + [rel(a, out_dir) for a in adapters], total,
+                                m["kld"], m["ppl"], m["top1"], {"type": t, "budget": size, **details,
+                                                                  "kld_stderr": m["kld_stderr"],
+                                                                  "ppl_stderr": m["ppl_stderr"]}))
+    seconds["total"] = round(time.perf_counter() - t_all, 2)
+    stats_meta = json.loads(json.dumps(compensate.calibration.CalibrationStats.load(stats_file).meta, default=str))
+    result = {"model_name": hf_dir.name, "hf_dir": str(hf_dir), "text": str(text), "ctx": meter.ref.ctx,
+              "chunks": meter.ref.chunks, "tokens_scored": meter.ref.tokens, "calib": calib,
+              "calib_tokens": stats_meta.get("tokens"), "imatrix": rel(imatrix_file, out_dir)
+              if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
+              "seconds": seconds, "reference_seconds": meter.ref_seconds,
+              "rows": [r.as_dict() for r in rows]}
+    result["verdicts"] = best_per_rung(rows)
+    result["outputs"] = write_outputs(result, out_dir)
+    return result
+
+
+class _Timer:
+    def __init__(self, into: dict[str, float], name: str) -> None:
+        self.into, self.name = into, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.into[self.name] = round(self.into.get(self.name, 0.0) + time.perf_counter() - self.t0, 2)
