@@ -77,7 +77,8 @@ def cmd_perplexity(args: argparse.Namespace) -> dict:
     res = llama_eval.text_eval(llama, args.model, text=text, lora=args.lora or (), ctx=args.ctx, chunks=args.chunks,
                                threads=args.threads, verbose=args.verbose)
     return {"model": args.model, "lora": args.lora or [], "text": str(text), "ppl": res.ppl,
-            "stderr": res.ppl_stderr, "ctx": res.ctx, "chunks": res.chunks, "tokens": res.tokens}
+            "stderr": res.ppl_stderr, "ctx": res.ctx, "chunks": res.chunks, "tokens": res.chunks * res.ctx,
+            "scored_tokens": res.tokens}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict:

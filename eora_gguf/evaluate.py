@@ -64,7 +64,7 @@ def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[
             log.info("KL divergence to %s: %.5f (top-1 agreement %.2f%%)", Path(reference).name, p.kld,
                      100 * p.top1)
         result["perplexity"] = {"ppl": p.ppl, "stderr": p.ppl_stderr, "ctx": p.ctx, "chunks": p.chunks,
-                                "tokens": p.tokens, "text": str(ppl_text),
+                                "tokens": p.chunks * p.ctx, "scored_tokens": p.tokens, "text": str(ppl_text),
                                 "seconds": round(time.perf_counter() - t0, 2)}
         log.info("perplexity %.4f", p.ppl)
     for name in task_names:
@@ -98,7 +98,7 @@ def format_result(result: dict) -> str:
     if "perplexity" in result:
         p = result["perplexity"]
         lines.append(f"perplexity: {p['ppl']:.4f} ± {p['stderr']:.4f} ({p['chunks']} × {p['ctx']} tokens "
-                     f"of which {p['tokens']} scored, {p['seconds']:.0f} s)")
+                     f"of which {p['scored_tokens']} scored, {p['seconds']:.0f} s)")
     for name, m in result["tasks"].items():
         if "acc" in m:
             lines.append(f"{name} ({m['split']}, n={m['n']}): acc {m['acc']:.2f} ± {m['acc_stderr']:.2f}, "

@@ -119,4 +119,5 @@ def test_eval_cli_reports_kld(models, text, tmp_path, capsys):
 
     res = json.loads(out.read_text())
     assert res["divergence"]["kld"] > 0 and 0 < res["divergence"]["top1"] <= 1
-    assert res["perplexity"]["tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
+    assert res["perplexity"]["scored_tokens"] == CHUNKS * (CTX - 1 - CTX // 2)
+    assert res["perplexity"]["tokens"] == CHUNKS * CTX
