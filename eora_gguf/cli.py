@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated methods: eora, svd, diag (default {method})")
         sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
         calib_options(sp)
+        sp.add_argument("--no-imatrix", action="store_true",
+                        help="quantize without an importance matrix (default: one made from the calibration "
+                             "statistics, as serious GGUF publishers quantize)")
         sp.add_argument("--workdir", default="eora-out", help="where GGUFs and the summary go (default ./eora-out)")
         sp.add_argument("--text", default="eval", help="perplexity text (default: built-in 'eval', LAMBADA)")
         sp.add_argument("--ctx", type=int, default=512)

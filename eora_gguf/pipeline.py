@@ -1,7 +1,8 @@
 """`eora-gguf run`: the whole job in one command, with a summary table.
 
-HF model (or the SmolLM2 demo) -> F16 GGUF -> each quantization -> calibration statistics (once, reused by every
-quant, method and rank) -> an adapter per (quant, method, rank) -> llama-perplexity of each with and without
+HF model (or the SmolLM2 demo) -> F16 GGUF -> calibration statistics (once, reused by every quant, method and
+rank) -> an importance matrix from them (unless --no-imatrix) -> each quantization, made with it ->
+an adapter per (quant, method, rank) -> llama-perplexity of each with and without
 its adapter: mean KL divergence to the F16 model and top-1 agreement (the F16 model's log-probabilities over the
 text are computed once, under `<workdir>/<model name>/kld/`) and perplexity over the same tokens.
 Outputs go to `<workdir>/<model name>/`; a step whose output exists is reused unless --force.
@@ -66,20 +67,30 @@ def run_all(args: argparse.Namespace) -> dict:
         llamacpp.convert(llama, hf_dir, base, outtype="f16", verbose=args.verbose)
     n_weights = compensate.n_params(base)
 
-    quant_files = {}
-    for q in quants:
-        quant_files[q] = work / f"model-{q}.gguf"
-        if fresh(quant_files[q]):
-            log.info("quantizing -> %s", quant_files[q])
-            llamacpp.quantize(llama, base, quant_files[q], q, threads=args.threads, verbose=args.verbose)
-
-    stats_file = None
-    if any(ranks):
+    use_imatrix = not getattr(args, "no_imatrix", False)
+    stats_file = imatrix_file = None
+    if any(ranks) or use_imatrix:
         key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
         stats_file = work / f"calib-{key}.safetensors"
         if fresh(stats_file):
             log.info("calibrating on %s (%d x %d tokens)", args.calib, args.samples, args.seqlen)
             compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen).save(stats_file)
+    if use_imatrix:
+        # the importance matrix follows from the same statistics: diag(Σ x xᵀ) per input, as llama-imatrix sums it
+        from . import imatrix
+        from .calibration import CalibrationStats
+
+        imatrix_file = work / f"imatrix-{key}.gguf"
+        if fresh(imatrix_file):
+            imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, dataset=args.calib)
+
+    quant_files = {}
+    for q in quants:
+        quant_files[q] = work / f"model-{q}{'-imatrix' if use_imatrix else ''}.gguf"
+        if fresh(quant_files[q]):
+            log.info("quantizing -> %s", quant_files[q])
+            llamacpp.quantize(llama, base, quant_files[q], q, imatrix=imatrix_file, threads=args.threads,
+                              verbose=args.verbose)
 
     def measure(model: Path, lora: list[Path]) -> dict:
         return _evaluate_cached(work, model, lora, text, args, llama, reference=base)
@@ -103,7 +114,7 @@ def run_all(args: argparse.Namespace) -> dict:
                 rows.append(_row(q, method, rank, res, quant_files[q], adapter, n_weights, f16, plain))
 
     summary = {"hf_dir": str(hf_dir), "model_name": hf_dir.name, "text": str(text), "ctx": args.ctx,
-               "chunks": args.chunks, "calib": args.calib,
+               "chunks": args.chunks, "calib": args.calib, "imatrix": str(imatrix_file) if imatrix_file else None,
                "calib_tokens": args.samples * args.seqlen if stats_file else 0, "tasks": task_names,
                "limit": limit, "n_weights": n_weights, "ppl_f16": ppl_f16, "rows": rows}
     out_json = work / ("sweep.json" if task_names else "summary.json")

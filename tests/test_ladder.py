@@ -1,0 +1,102 @@
+"""`eora-gguf ladder` end to end on a tiny model: the file it writes, its byte accounting, its reuse of finished work,
+and the joint base + adapter refinement."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from eora_gguf import ladder, refine
+from eora_gguf.cli import main
+
+pytestmark = pytest.mark.llama_cpp
+
+
+def _words(path: Path, n: int, seed: int) -> Path:
+    from tiny_models import _WORDS
+
+    rng = np.random.default_rng(seed)
+    path.write_text(" ".join(rng.choice(_WORDS, n)))
+    return path
+
+
+def test_ladder_end_to_end(tiny_hf, llama, tmp_path, capsys):
+    hf = tiny_hf("llama")
+    calib = _words(tmp_path / "calib.txt", 3000, 1)
+    text = _words(tmp_path / "eval.txt", 1500, 2)
+    out = tmp_path / "ladder"
+    argv = ["ladder", str(hf), "-o", str(out), "--calib", str(calib), "--samples", "4", "--seqlen", "64",
+            "--text", str(text), "--types", "Q2_K,Q4_K_M", "--ctx", "64", "--chunks", "2", "--threads", "2", "--json"]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    res = json.loads(capsys.readouterr().out)
+    data = json.loads((out / "ladder.json").read_text())
+    assert data["rows"] == res["rows"]
+    keys = {"name", "kind", "imatrix", "files", "bytes", "kld", "ppl", "top1"}
+    for r in data["rows"]:
+        assert keys <= set(r)
+        files = [out / f for f in r["files"]]
+        assert all(f.is_file() for f in files) and not any(Path(f).is_absolute() for f in r["files"])
+        assert r["bytes"] == sum(f.stat().st_size for f in files)
+        assert r["kld"] >= 0 and r["ppl"] > 1 and 0 < r["top1"] <= 1
+    kinds = [(r["kind"], r.get("type"), r["imatrix"]) for r in data["rows"]]
+    assert kinds[0] == ("f16", "F16", False) and data["rows"][0]["kld"] == 0.0
+    for t in ("Q2_K", "Q4_K_M"):
+        assert ("stock", t, False) in kinds and ("stock", t, True) in kinds
+    # the imatrix changes the quantization (and the files record which one each row is)
+    q, qi = (gguf.GGUFReader(out / f"model-Q2_K{s}.gguf") for s in ("", "-imatrix"))
+    a = next(t for t in q.tensors if t.name == "blk.0.ffn_gate.weight").data
+    b = next(t for t in qi.tensors if t.name == "blk.0.ffn_gate.weight").data
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    pairs = [r for r in data["rows"] if r["kind"] == "eora"]
+    assert pairs, "no pair fitted below the largest rung"
+    for p in pairs:
+        assert len(p["files"]) == 2 and p["bytes"] <= p["budget"]
+    for v in data["verdicts"]:
+        fit = [p for p in pairs if p["bytes"] <= v["bytes"]]
+        if fit:
+            assert v["pair_kld"] == min(p["kld"] for p in fit)
+    md = (out / "ladder.md").read_text()
+    for r in data["rows"]:
+        assert f"{r['kld']:.4f}" in md and f"{r['ppl']:.3f}" in md
+    assert (out / "ladder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses every model, adapter and measurement
+    made = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == made
+
+
+def test_write_shifted_subtracts_the_adapter(tiny_gguf, tmp_path):
+    f16 = tiny_gguf("llama")
+    rng = np.random.default_rng(0)
+    reader = gguf.GGUFReader(f16)
+    w = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    shift = rng.standard_normal(np.asarray(w.data).shape).astype(np.float32) * 0.01
+    out = refine.write_shifted(f16, tmp_path / "shifted.gguf", {"blk.1.attn_q.weight": shift})
+    new = gguf.GGUFReader(out)
+    got = {t.name: np.asarray(t.data) for t in new.tensors}
+    old = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert set(got) == set(old)
+    expect = (old["blk.1.attn_q.weight"].astype(np.float32) - shift).astype(np.float16)
+    assert np.array_equal(got["blk.1.attn_q.weight"], expect)
+    assert all(np.array_equal(got[n], old[n]) for n in old if n != "blk.1.attn_q.weight")
+    for key, field in reader.fields.items():  # every model key survives with its value
+        if not key.startswith("GGUF."):
+            assert new.fields[key].contents() == field.contents(), key
+    with pytest.raises(Exception, match="no tensor"):
+        refine.write_shifted(f16, tmp_path / "bad.gguf", {"blk.9.attn_q.weight": shift})
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_best_per_rung_picks_lowest_kld_that_fits():
+    rows = [ladder.Row("Q2", "stock", False, ["a"], 100, 0.3, 30, 0.8, {"type": "Q2"}),
+            ladder.Row("Q2 +im", "stock", True, ["b"], 100, 0.2, 25, 0.85, {"type": "Q2"}),
+            ladder.Row("Q3 +im", "stock", True, ["c"], 120, 0.1, 20, 0.9, {"type": "Q3"}),
+            ladder.Row("p1", "eora", True, ["b", "x"], 119, 0.09, 19, 0.9, {"type": "Q2"}),
+            ladder.Row("p2", "eora", True, ["b", "y"], 121, 0.01, 15, 0.95, {"type": "Q2"})]
+    v = {e["rung"]: e for e in ladder.best_per_rung(rows)}
+    assert v["Q3"]["best_pair"] == "p1" and v["Q3"]["wins_imatrix"] is True
+    assert v["Q2"]["best_pair"] is None and v["Q2"]["wins_imatrix"] is False
