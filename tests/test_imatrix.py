@@ -1,0 +1,174 @@
+"""The imatrix writer: values against the covariances (read back by gguf-py), the file against the pinned
+llama-imatrix on the same tokens and through its loader, llama-quantize using it, and bad inputs."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from eora_gguf import calibration, llamacpp
+from eora_gguf import imatrix as im
+from eora_gguf.calibration import CalibrationStats
+from eora_gguf.cli import main
+from eora_gguf.errors import EoraError
+from eora_gguf.naming import INPUT_GROUPS, NameMap, model_dims
+from tiny_models import _WORDS, SYNTH
+
+SITES = ("attn_in", "o_in", "mlp_in", "down_in")  # one per INPUT_GROUPS entry
+
+
+def synthetic_stats(config=SYNTH, *, layers: int = 2, tokens: int = 40, seed: int = 0):
+    """Statistics as `calibration.stream` lays them out, from random inputs; also the inputs per site."""
+    dims = model_dims(dict(config, num_hidden_layers=layers))
+    names = NameMap(dims)
+    gen = torch.Generator().manual_seed(seed)
+    stats = CalibrationStats(meta={"seqlen": 8, "samples": tokens // 8, "calib_spec": "synthetic"})
+    inputs = {}
+    for b in range(layers):
+        for site, group in zip(SITES, INPUT_GROUPS):
+            d_in = dims.linear_shape(group[0])[1]
+            x = torch.randn(tokens, d_in, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, d_in)
+            key = f"model.layers.{b}.{site}"
+            stats.covariances[key], stats.n_tokens[key], inputs[key] = x.T @ x, tokens, x
+            for module in group:
+                stats.module_sites[f"model.layers.{b}.{module}"] = key
+    return stats, names, inputs
+
+
+def word_text(path: Path, n_words: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choice(_WORDS) for _ in range(n_words)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ no llama.cpp
+
+
+def test_values_are_the_diagonal_of_the_input_covariance(tmp_path):
+    stats, names, inputs = synthetic_stats()
+    path = im.write_imatrix(stats, names, tmp_path / "imatrix.gguf")
+    reader = gguf.GGUFReader(path)  # gguf-py, not our reader: the layout llama.cpp's loader sees
+    keys = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert keys == {"general.type": "imatrix", "imatrix.datasets": ["synthetic"], "imatrix.chunk_count": 5,
+                    "imatrix.chunk_size": 8}
+    weights = sorted(names.to_gguf(m) for m in stats.module_sites)
+    assert [t.name for t in reader.tensors] == [w + s for w in weights for s in (".in_sum2", ".counts")]
+    for t in reader.tensors:
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    by_name = {t.name: t for t in reader.tensors}
+    for module, site in stats.module_sites.items():
+        w = names.to_gguf(module)
+        s, c = by_name[w + ".in_sum2"], by_name[w + ".counts"]
+        x = inputs[site]
+        assert list(s.shape) == [x.shape[1], 1] and list(c.shape) == [1, 1]  # ggml ne order
+        np.testing.assert_allclose(np.array(s.data).ravel(), (x ** 2).sum(0).numpy(), rtol=1e-6)
+        assert float(np.array(c.data).ravel()[0]) == x.shape[0]
+    back = im.read_imatrix(path)
+    assert (back.chunk_count, back.chunk_size, back.datasets) == (5, 8, ["synthetic"])
+    for module, site in stats.module_sites.items():
+        w = names.to_gguf(module)
+        np.testing.assert_allclose(back.importance(w)[0], (inputs[site] ** 2).mean(0).numpy(), rtol=1e-6)
+    q, k = names.to_gguf("model.layers.1.self_attn.q_proj"), names.to_gguf("model.layers.1.self_attn.k_proj")
+    assert np.array_equal(back.sums[q], back.sums[k])  # one input site, one importance vector
+    assert all(r["cosine"] == pytest.approx(1.0) for r in im.compare(back, im.from_stats(stats, names)).values())
+
+
+def _stats_case(case: str):
+    stats, names, _ = synthetic_stats()
+    site = "model.layers.0.attn_in"
+    if case == "empty":
+        stats = CalibrationStats()
+    elif case == "other model":
+        stats.covariances[site] = stats.covariances[site][:32, :32]
+    elif case == "nan":
+        stats.covariances[site][3, 3] = float("nan")
+    elif case == "no tokens":
+        stats.n_tokens[site] = 0
+    elif case == "missing site":
+        del stats.covariances[site]
+    elif case == "no adapted module":
+        stats.module_sites = {"model.layers.0.mlp.router": site}
+    return stats, names
+
+
+@pytest.mark.parametrize("case", ["empty", "other model", "nan", "no tokens", "missing site", "no adapted module"])
+def test_bad_statistics_are_one_line_and_leave_no_file(tmp_path, case):
+    stats, names = _stats_case(case)
+    out = tmp_path / "imatrix.gguf"
+    with pytest.raises(EoraError) as err:
+        im.write_imatrix(stats, names, out)
+    assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray]) -> Path:
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+    for key, value in kv.items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_uint32(key, value)
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+META = {"imatrix.datasets": ["t"], "imatrix.chunk_count": 1, "imatrix.chunk_size": 4}
+
+
+@pytest.mark.parametrize("case", ["missing", "not gguf", "no metadata", "counts only", "f16 sums", "no entries"])
+def test_reader_refuses_bad_files(tmp_path, case):
+    path = tmp_path / "bad.gguf"
+    sums, counts = np.ones((1, 8), np.float32), np.full((1, 1), 4, np.float32)
+    if case == "not gguf":
+        path.write_bytes(b"\x01\x00\x00\x00" + b"\x00" * 64)  # what a legacy .dat starts with
+    elif case == "no metadata":
+        _write_gguf(path, {}, {"blk.0.attn_q.weight.in_sum2": sums, "blk.0.attn_q.weight.counts": counts})
+    elif case == "counts only":
+        _write_gguf(path, META, {"blk.0.attn_q.weight.counts": counts})
+    elif case == "f16 sums":
+        _write_gguf(path, META, {"blk.0.attn_q.weight.in_sum2": sums.astype(np.float16),
+                                 "blk.0.attn_q.weight.counts": counts})
+    elif case == "no entries":
+        _write_gguf(path, META, {"blk.0.attn_q.weight": sums})
+    with pytest.raises(EoraError) as err:
+        im.read_imatrix(path)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_imatrix_and_calibrate_option(tiny_hf, tmp_path, capsys):
+    hf = tiny_hf("llama")
+    text = word_text(tmp_path / "calib.txt", 3000, seed=1)
+    calib = ["--calib", str(text), "--samples", "4", "--seqlen", "64"]
+    stats_path, beside = tmp_path / "stats.safetensors", tmp_path / "beside.gguf"
+    assert main(["calibrate", "--hf", str(hf), *calib, "-o", str(stats_path), "--imatrix", str(beside)]) == 0
+    capsys.readouterr()
+    assert main(["imatrix", "--hf", str(hf), "--stats", str(stats_path), "-o", str(tmp_path / "a.gguf"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["weights"], out["tokens"]) == (2 * 7, 4 * 64)
+    assert main(["imatrix", "--hf", str(hf), *calib, "-o", str(tmp_path / "b.gguf")]) == 0
+    stats = CalibrationStats.load(stats_path)
+    ref = im.from_stats(stats, NameMap.from_config(json.loads((hf / "config.json").read_text())))
+    for f in ("beside.gguf", "a.gguf", "b.gguf"):  # same spec, same tokens: the same file three ways
+        got = im.read_imatrix(tmp_path / f)
+        assert sorted(got.sums) == sorted(ref.sums) and len(got.sums) == 2 * 7
+        for name in ref.sums:
+            np.testing.assert_allclose(got.sums[name], ref.sums[name], rtol=1e-5)
+            assert got.counts[name][0] == 4 * 64
+        assert (got.chunk_count, got.chunk_size, got.datasets) == (4, 64, [str(text)])
+    # bad input: one line, exit 2, no file
+    assert main(["imatrix", "--hf", str(hf), "--stats", str(tmp_path / "nope.safetensors"),
+                 "-o", str(tmp_path / "c.gguf")]) == 2
+    assert "\n" not in capsys.readouterr().err.strip() and not (tmp_path / "c.gguf").exists()
