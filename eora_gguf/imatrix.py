@@ -138,7 +138,8 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     if missing:
         raise EoraError(f"{path} lacks the imatrix metadata {missing[0]}: llama-quantize refuses it")
     out = Imatrix(datasets=[str(s) for s in fields[KEY_DATASETS].contents()],
-                  chunk_count=int(fields[KEY_CHUNK_COUNT].contents()), chunk_size=int(fields[KEY_CHUNK_SIZE].contents()))
+                  chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
+                  chunk_size=int(fields[KEY_CHUNK_SIZE].contents()))
     tensors = {t.name: t for t in reader.tensors}
     for tname, t in tensors.items():
         if not tname.endswith((SUM_SUFFIX, COUNT_SUFFIX)):
@@ -180,8 +181,8 @@ def llama_imatrix_windows(llama, model: str | os.PathLike[str], text: str | os.P
     llama-imatrix tokenizes the whole text with the pinned llama.cpp (BOS first when the vocabulary adds one),
     cuts it into ctx-token chunks and puts BOS in each chunk's first position. llama-perplexity tokenizes and
     chunks the same way and stores the chunks' tokens at the head of its --kl-divergence-base file (a temporary
-    file of about chunks*ctx*n_vocab bytes); feeding these windows to `calibration.stream` gives statistics over exactly
-    llama-imatrix's tokens.
+    file of about chunks*ctx*n_vocab bytes); feeding these windows to `calibration.stream` gives statistics over
+    exactly llama-imatrix's tokens.
     """
     from .llamacpp import _perplexity_args, run_tool
 
