@@ -172,3 +172,106 @@ def test_cli_imatrix_and_calibrate_option(tiny_hf, tmp_path, capsys):
     assert main(["imatrix", "--hf", str(hf), "--stats", str(tmp_path / "nope.safetensors"),
                  "-o", str(tmp_path / "c.gguf")]) == 2
     assert "\n" not in capsys.readouterr().err.strip() and not (tmp_path / "c.gguf").exists()
+
+
+# ------------------------------------------------------------------------------------------- through llama.cpp
+
+CTX, CHUNKS = 128, 4
+
+
+def run(llama, *args) -> str:
+    res = llamacpp.run_tool([llama.tool(args[0]), *args[1:]], args[0])
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def matched(tiny_hf, tiny_gguf, llama, tmp_path_factory):
+    """matched(arch) -> dict: ours and llama-imatrix's file over the same token windows of the same text."""
+    made: dict[str, dict] = {}
+
+    def get(arch: str) -> dict:
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"imatrix-{arch}")
+            hf, f16 = tiny_hf(arch), tiny_gguf(arch, "f16")
+            text = word_text(d / "calib.txt", 4000, seed=5)
+            ids = im.llama_imatrix_windows(llama, f16, text, ctx=CTX, chunks=CHUNKS, threads=2)
+            stats = calibration.collect_stats(hf, torch.from_numpy(ids), batch_size=4)
+            names = NameMap.from_config(json.loads((hf / "config.json").read_text()))
+            ours = im.write_imatrix(stats, names, d / "ours.gguf", datasets=[str(text)])
+            theirs = d / "theirs.gguf"
+            run(llama, "llama-imatrix", "-m", f16, "-f", text, "-c", str(CTX), "--chunks", str(CHUNKS), "--no-ppl",
+                "-t", "2", "-o", theirs)
+            made[arch] = {"f16": f16, "ours": ours, "theirs": theirs, "ids": ids, "dir": d}
+        return made[arch]
+
+    return get
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_matches_llama_imatrix_on_the_same_tokens(matched, arch):
+    """Same weights, same counts, importance vectors equal up to llama.cpp's F16 weights and float32 arithmetic."""
+    m = matched(arch)
+    assert m["ids"].shape == (CHUNKS, CTX)
+    ours, theirs = im.read_imatrix(m["ours"]), im.read_imatrix(m["theirs"])
+    assert sorted(ours.sums) == sorted(theirs.sums)
+    assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size) == (CHUNKS, CTX)
+    for name in ours.sums:
+        assert ours.counts[name].tolist() == theirs.counts[name].tolist() == [CHUNKS * CTX]
+    cmp = im.compare(ours, theirs)
+    worst = min(r["cosine"] for r in cmp.values())
+    rel = max(float(np.max(np.abs(ours.importance(n) - theirs.importance(n)) / theirs.importance(n).max()))
+              for n in cmp)
+    print(f"{arch}: min cosine {worst:.7f}, max |Δ|/max {rel:.2e}")
+    assert worst > 0.9999 and rel < 1e-2
+
+
+@pytest.mark.llama_cpp
+def test_llama_cpp_loader_reads_our_file(matched, llama):
+    m = matched("llama")
+    n = len(im.read_imatrix(m["ours"]).sums)
+    # -m is required by the argument parser; --show-statistics returns before any model is loaded
+    out = run(llama, "llama-imatrix", "-m", m["f16"], "--in-file", m["ours"], "--show-statistics")
+    assert f"({n} tensors)" in out
+    # and merges it with llama-imatrix's own into a file our reader reads: sums and counts add
+    merged = m["dir"] / "merged.gguf"
+    run(llama, "llama-imatrix", "-m", m["f16"], "--in-file", m["ours"], "--in-file", m["theirs"], "-o", merged)
+    a, b, both = (im.read_imatrix(p) for p in (m["ours"], m["theirs"], merged))
+    for name in a.sums:
+        np.testing.assert_allclose(both.sums[name], a.sums[name] + b.sums[name], rtol=1e-6)
+        assert both.counts[name][0] == a.counts[name][0] + b.counts[name][0]
+
+
+@pytest.mark.llama_cpp
+def test_llama_quantize_uses_our_imatrix(matched, llama, tmp_path):
+    m = matched("llama")
+    n = len(im.read_imatrix(m["ours"]).sums)
+    plain, with_ours, with_theirs = (tmp_path / f"{k}.gguf" for k in ("plain", "ours", "theirs"))
+    run(llama, "llama-quantize", m["f16"], plain, "Q2_K", "2")
+    out = run(llama, "llama-quantize", "--imatrix", m["ours"], m["f16"], with_ours, "Q2_K", "2")
+    assert re.search(rf"loaded {n} importance matrix entries from .* computed on {CHUNKS} chunks", out)
+    run(llama, "llama-quantize", "--imatrix", m["theirs"], m["f16"], with_theirs, "Q2_K", "2")
+    data = {k: {t.name: np.array(t.data) for t in gguf.GGUFReader(p).tensors}
+            for k, p in (("plain", plain), ("ours", with_ours), ("theirs", with_theirs))}
+    weights = [w for w in data["plain"] if w.endswith(".weight")]
+    covered = [w for w in weights if w in im.read_imatrix(m["ours"]).sums]
+    assert len(covered) == n
+    changed = [w for w in covered if not np.array_equal(data["plain"][w], data["ours"][w])]
+    assert len(changed) == n  # every weight with an entry is quantized differently ...
+    for w in set(weights) - set(covered):  # ... and those without one (embeddings, head) are not
+        assert np.array_equal(data["plain"][w], data["ours"][w])
+    same_as_theirs = [w for w in covered if np.array_equal(data["ours"][w], data["theirs"][w])]
+    print(f"Q2_K: {len(changed)}/{n} weights changed by our imatrix, {len(same_as_theirs)}/{n} bit-equal to "
+          "llama-imatrix's")
+
+
+@pytest.mark.llama_cpp
+def test_llama_quantize_refuses_what_our_reader_refuses(llama, tmp_path, tiny_gguf):
+    """A file without the imatrix.* metadata: our reader and llama-quantize both refuse it."""
+    bad = _write_gguf(tmp_path / "bad.gguf", {}, {"blk.0.attn_q.weight.in_sum2": np.ones((1, 256), np.float32),
+                                                  "blk.0.attn_q.weight.counts": np.ones((1, 1), np.float32)})
+    with pytest.raises(EoraError):
+        im.read_imatrix(bad)
+    with pytest.raises(EoraError, match="llama-quantize"):
+        llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / "q.gguf", "Q2_K", imatrix=bad)
+    assert not (tmp_path / "q.gguf").exists()
