@@ -10,7 +10,8 @@ the ones llama.cpp's graph feeds those weights: the llama Q/K row permutation re
 File (GGUF, what common/imatrix-loader.cpp reads): KV `general.type = "imatrix"`, `imatrix.datasets` (string
 array), `imatrix.chunk_count` (u32), `imatrix.chunk_size` (u32) — llama-quantize refuses a file missing any of the
 three `imatrix.*` keys; per weight, in sorted name order, `<name>.in_sum2` F32 ne = [n_in, n_mat] and
-`<name>.counts` F32 ne = [1, n_mat] (numpy shapes (n_mat, n_in) and (n_mat, 1); n_mat = 1 for dense weights).
+`<name>.counts` F32 ne = [1, n_mat] (numpy shapes (n_mat, n_in) and (n_mat, 1)); for dense weights n_mat = 1 and
+both are stored 1-d, ne = [n_in] and [1], as ggml writes them.
 llama-quantize weighs each column of a weight by in_sum2 / counts.
 """
 from __future__ import annotations
@@ -66,8 +67,11 @@ class Imatrix:
         writer.add_uint32(KEY_CHUNK_SIZE, int(self.chunk_size))
         for name in sorted(self.sums):
             s = np.ascontiguousarray(self.sums[name], dtype=np.float32)
+            c = np.ascontiguousarray(self.counts[name], dtype=np.float32)[:, None]
+            if s.shape[0] == 1:  # ggml stores [n_in, 1] and [1, 1] as 1-d tensors (ggml_n_dims drops trailing 1s)
+                s, c = s[0], c[0]
             writer.add_tensor(name + SUM_SUFFIX, s)
-            writer.add_tensor(name + COUNT_SUFFIX, np.ascontiguousarray(self.counts[name], np.float32)[:, None])
+            writer.add_tensor(name + COUNT_SUFFIX, c)
         out = Path(path)
         with atomic_output(out, suffix=".gguf") as tmp:
             writer.write_header_to_file(path=tmp)

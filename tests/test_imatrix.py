@@ -66,7 +66,7 @@ def test_values_are_the_diagonal_of_the_input_covariance(tmp_path):
         w = names.to_gguf(module)
         s, c = by_name[w + ".in_sum2"], by_name[w + ".counts"]
         x = inputs[site]
-        assert list(s.shape) == [x.shape[1], 1] and list(c.shape) == [1, 1]  # ggml ne order
+        assert list(s.shape) == [x.shape[1]] and list(c.shape) == [1]  # 1-d, as ggml writes [n, 1] tensors
         np.testing.assert_allclose(np.array(s.data).ravel(), (x ** 2).sum(0).numpy(), rtol=1e-6)
         assert float(np.array(c.data).ravel()[0]) == x.shape[0]
     back = im.read_imatrix(path)
@@ -218,6 +218,12 @@ def test_matches_llama_imatrix_on_the_same_tokens(matched, arch):
     assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size) == (CHUNKS, CTX)
     for name in ours.sums:
         assert ours.counts[name].tolist() == theirs.counts[name].tolist() == [CHUNKS * CTX]
+    # the same file layout: KV keys and types, tensor names, order, types and shapes (only the data differ)
+    layout = [{k: f.types for k, f in r.fields.items()} for r in map(gguf.GGUFReader, (m["ours"], m["theirs"]))]
+    assert layout[0] == layout[1]
+    tensors = [[(t.name, t.tensor_type, t.shape.tolist(), t.data_offset - r.tensors[0].data_offset)
+                for t in r.tensors] for r in map(gguf.GGUFReader, (m["ours"], m["theirs"]))]
+    assert tensors[0] == tensors[1]
     cmp = im.compare(ours, theirs)
     worst = min(r["cosine"] for r in cmp.values())
     rel = max(float(np.max(np.abs(ours.importance(n) - theirs.importance(n)) / theirs.importance(n).max()))

@@ -115,13 +115,20 @@ def quantize(llama, f16: Path, out: Path, qtype: str, imatrix: Path | None, thre
             "imatrix_loaded": {"entries": int(m[1]), "chunks": int(m[2])} if m else None}
 
 
-def tensors_differing(a: Path, b: Path) -> dict:
-    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+def tensors_differing(plain: Path, q: Path, covered: set[str]) -> dict:
+    """How many weights with an imatrix entry are quantized differently than without one; which are not (type)."""
+    ra, rb = gguf.GGUFReader(plain), gguf.GGUFReader(q)
     tb = {t.name: t for t in rb.tensors}
-    diff = [t.name for t in ra.tensors if t.tensor_type != tb[t.name].tensor_type
-            or not np.array_equal(np.asarray(t.data), np.asarray(tb[t.name].data))]
-    return {"differ": len(diff), "of": len(ra.tensors), "blk_differ": sum(n.startswith("blk.") for n in diff),
-            "blk_of": sum(t.name.startswith("blk.") for t in ra.tensors)}
+    same = {t.name: t.tensor_type.name for t in ra.tensors
+            if t.name in covered and t.tensor_type == tb[t.name].tensor_type
+            and np.array_equal(np.asarray(t.data), np.asarray(tb[t.name].data))}
+    others_same = all(np.array_equal(np.asarray(t.data), np.asarray(tb[t.name].data))
+                      for t in ra.tensors if t.name not in covered)
+    types: dict[str, int] = {}
+    for t in same.values():
+        types[t] = types.get(t, 0) + 1
+    return {"covered": len(covered), "changed": len(covered) - len(same), "unchanged_by_type": types,
+            "uncovered_tensors_identical": others_same}
 
 
 def kld(llama, model: Path, text: Path, base: Path, *, chunks: int, threads: int) -> dict:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {f"theirs{k}": llama_imatrix(llama, f16, texts[k - 1], theirs[k - 1], ctx=args.ctx, chunks=args.chunks,
                                         threads=args.threads) for k in (1, 2)}
     seconds["llama_imatrix_both"] = time.perf_counter() - t
-    short = [llama_imatrix(llama, f16, texts[0], work / f"rerun{k}.gguf", ctx=args.ctx, chunks=4,
+    short = [llama_imatrix(llama, f16, texts[0], work / f"rerun{k}.gguf", ctx=args.ctx, chunks=2,
                            threads=args.threads) for k in (1, 2)]
     rerun_identical = short[0]["sha256"] == short[1]["sha256"]
 
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             q = work / f"{qtype}-{label}.gguf"
             row[label] = quantize(llama, f16, q, qtype, imx, args.threads)
             if label != "none":
-                row[label]["vs_none"] = tensors_differing(work / f"{qtype}-none.gguf", q)
+                row[label]["vs_none"] = tensors_differing(work / f"{qtype}-none.gguf", q, set(a.sums))
             row[label].update(kld(llama, q, eval_text, base, chunks=args.eval_chunks, threads=args.threads))
             log.info("%s %s: KLD %.4f", qtype, label, row[label]["kld"])
         again = quantize(llama, f16, work / f"{qtype}-ours-again.gguf", qtype, ours, args.threads)
