@@ -87,6 +87,9 @@ def from_stats(stats: CalibrationStats, names: NameMap, *, datasets: Sequence[st
     the site's tokens. datasets: what the file names as its text (default: the statistics' calibration spec)."""
     if not stats.covariances:
         raise EoraError("the calibration statistics are empty: calibrate the model first")
+    if stats.meta.get("propagate", "original") != "original":
+        log.warning("imatrix from %s-propagation statistics: llama-imatrix sees the original model's inputs",
+                    stats.meta["propagate"])
     out = Imatrix(datasets=list(datasets) if datasets is not None else
                   [str(stats.meta["calib_spec"])] if stats.meta.get("calib_spec") else [])
     diags: dict[str, np.ndarray] = {}
