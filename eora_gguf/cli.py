@@ -86,9 +86,37 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     from .errors import check_writable
 
     check_writable(args.output)
+    if args.imatrix:
+        check_writable(args.imatrix)
     stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
     stats.save(args.output)
-    return {"output": args.output, "tokens": stats.meta.get("tokens"), "sites": len(stats.covariances)}
+    out = {"output": args.output, "tokens": stats.meta.get("tokens"), "sites": len(stats.covariances)}
+    if args.imatrix:
+        out["imatrix"] = _write_imatrix(args.hf, stats, args.imatrix)
+    return out
+
+
+def _write_imatrix(hf: str, stats, path: str) -> dict:
+    from . import compensate, imatrix
+    from .naming import NameMap
+
+    im = imatrix.from_stats(stats, NameMap.from_config(compensate.load_config(hf)))
+    im.save(path)
+    return {"output": path, "weights": len(im.sums), "tokens": int(max(c.max() for c in im.counts.values()))}
+
+
+def cmd_imatrix(args: argparse.Namespace) -> dict:
+    from . import compensate
+    from .calibration import CalibrationStats
+    from .errors import check_writable
+
+    check_writable(args.output)
+    if args.stats:
+        stats = CalibrationStats.load(args.stats)
+        stats.check_model(args.hf)
+    else:
+        stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
+    return _write_imatrix(args.hf, stats, args.output)
 
 
 def cmd_compensate(args: argparse.Namespace) -> dict:
@@ -235,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hf", required=True, metavar="HF_DIR")
     calib_options(sp)
     sp.add_argument("-o", "--output", required=True, metavar="STATS.safetensors")
+    sp.add_argument("--imatrix", metavar="OUT.gguf", help="also write an importance matrix for llama-quantize")
+
+    sp = verb("imatrix", cmd_imatrix, "importance matrix for `llama-quantize --imatrix` (llama-imatrix's GGUF format) "
+                                     "from calibration statistics")
+    sp.add_argument("--hf", required=True, metavar="HF_DIR")
+    calib_options(sp)
+    sp.add_argument("--stats", metavar="STATS.safetensors", help="use statistics from `calibrate` (no --calib run)")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.gguf")
 
     sp = verb("compensate", cmd_compensate, "solve EoRA against a quantized GGUF and write a GGUF LoRA adapter")
     sp.add_argument("--hf", required=True, metavar="HF_DIR", help="the original HF model")
