@@ -197,6 +197,13 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
     from . import compensate
 
     def make(base: Path, budget: int, stem: Path) -> tuple[list[Path], dict] | None:
+        chosen = stem.with_name(stem.name + ".json")  # the decision of an earlier run, reused with its file
+        if chosen.is_file():
+            done = json.loads(chosen.read_text())
+            if done is None:
+                return None
+            if Path(done["adapter"]).is_file():
+                return [Path(done["adapter"])], done["details"]
         best: tuple[Path, dict] | None = None
         for atype in adapter_types:
             files = {r: stem.with_name(f"{stem.name}-{method}-r{r}-{atype}.gguf") for r in ranks}
@@ -213,6 +220,8 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
             for r, p in files.items():  # keep only what a row uses
                 if best is None or p != best[0]:
                     p.unlink(missing_ok=True)
+        with atomic_output(chosen) as tmp:
+            tmp.write_text(json.dumps({"adapter": str(best[0]), "details": best[1]} if best else None))
         return ([best[0]], best[1]) if best else None
 
     return make
@@ -260,7 +269,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                 from .calibration import CalibrationStats
 
                 names = NameMap.from_config(compensate.load_config(hf_dir))
-                imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, dataset=calib)
+                imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, datasets=[calib])
     with step("reference"):
         meter = Meter(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads, folder=out_dir, verbose=verbose)
     rows = [Row("F16", "f16", False, [rel(f16, out_dir)], f16.stat().st_size, 0.0, meter.ref.ppl, 1.0,

@@ -82,7 +82,7 @@ def run_all(args: argparse.Namespace) -> dict:
 
         imatrix_file = work / f"imatrix-{key}.gguf"
         if fresh(imatrix_file):
-            imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, dataset=args.calib)
+            imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, datasets=[args.calib])
 
     quant_files = {}
     for q in quants:

@@ -88,7 +88,8 @@ def test_run_end_to_end_then_reuses_its_files(tiny_hf, llama, tmp_path, capsys):
         assert (r["kld"] == 0.0) == (r["quant"] == "F16") and r["kld"] >= 0 and 0 < r["top1"] <= 1
     assert summary["calib_tokens"] == 4 * 64 and summary["chunks"] == 2 and summary["ctx"] == 64
     made = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")}
-    assert len(made) == 5  # F16, Q2_K, calibration statistics, two adapters
+    assert len(made) == 6  # F16, Q2_K (with the imatrix), calibration statistics, imatrix, two adapters
+    assert (work / "model-Q2_K-imatrix.gguf").is_file() and summary["imatrix"]
     res2 = run_json(capsys, argv)
     assert {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")} == made
     assert [r["ppl"] for r in res2["rows"]] == [r["ppl"] for r in summary["rows"]]
