@@ -270,14 +270,24 @@ def measure_importance(hf_dir: str | os.PathLike[str], base: GGUFModel, names: N
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     params = dict(model.named_parameters())
+    by_object = {id(m): n for n, m in model.named_modules()}
+    special = {"token_embd.weight": by_object.get(id(model.get_input_embeddings())),
+               "output.weight": by_object.get(id(model.get_output_embeddings()))}
     deltas: dict[str, torch.Tensor] = {}
+    to_gguf: dict[str, str] = {}
     for gname in tensors:
-        module = names.to_hf(gname)
+        module = special[gname] if gname in special else names.to_hf(gname)
+        if module is None:
+            raise EoraError(f"{gname}: the HF model has no module for it")
         w = params[module + ".weight"].detach().to(torch.float64)
-        wq = torch.from_numpy(base.dequantize(gname)).to(torch.float64).reshape(w.shape[0], w.shape[1])
-        deltas[module] = (w - names.gguf_to_hf_rows(module, wq)).to(torch.float32)
+        wq = torch.from_numpy(base.dequantize(gname)).to(torch.float64)
+        if gname in special:  # same (rows, dim) layout; rows the converter dropped from the vocabulary stay exact
+            wq = torch.cat([wq.reshape(-1, w.shape[1]), w[wq.numel() // w.shape[1]:]])
+        else:
+            wq = names.gguf_to_hf_rows(module, wq.reshape(w.shape[0], w.shape[1]))
+        deltas[module], to_gguf[module] = (w - wq).to(torch.float32), gname
     kl = importance.fisher_kl(model, deltas, ids, draws=draws, batch_size=batch_size)
-    return {names.to_gguf(m): v for m, v in kl.items()}
+    return {to_gguf[m]: v for m, v in kl.items()}
 
 
 def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str | os.PathLike[str],

@@ -474,3 +474,19 @@ def test_synthetic_gguf_budget(bad_inputs, tmp_path):
     again = comp.adapt(tmp_path / "s.safetensors", bad_inputs["ok"], tmp_path / "b.gguf", budget)
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()
     assert again.meta["types"] == d["types"]
+
+
+@pytest.mark.llama_cpp
+def test_importance_of_embeddings_and_head(solved):
+    """measure_importance takes token_embd/output (the embedding-compensation tensors) beside the linears: the
+    F16 embeddings' rounding error costs far less output KL than Q2_K's error in a linear."""
+    s = solved("llama")
+    names = NameMap.from_config(json.loads((s["hf"] / "config.json").read_text()))
+    ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    with open_gguf(s["q"]) as base:
+        kl = comp.measure_importance(s["hf"], base, names, ["token_embd.weight", "output.weight",
+                                                             "blk.0.ffn_down.weight"], ids, draws=2)
+    assert set(kl) == {"token_embd.weight", "output.weight", "blk.0.ffn_down.weight"}
+    assert all(v >= 0 for v in kl.values())
+    assert kl["token_embd.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured < 0.01
+    assert kl["output.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured 0.02
