@@ -98,8 +98,7 @@ class Budget:
     def adapter_bytes(self, model_bytes: int, n_weights: int) -> int:
         """Bytes left for the adapter file next to a model file of `model_bytes` with `n_weights` weights."""
         if self.kind == "adapter":
-            total = int(self.value)
-            return total
+            return int(self.value)
         total = int(self.value * n_weights / 8) if self.kind == "bpw" else int(self.value)
         left = total - int(model_bytes)
         if left <= 0:
