@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bases", default="Q2_K,Q3_K_M")
-    ap.add_argument("--sizes", default="16:q8_0,32:q8_0,64:q4_0", help="uniform (rank:type) runs per base")
+    ap.add_argument("--sizes", default="16:q8_0,64:q4_0", help="uniform (rank:type) runs per base")
     ap.add_argument("--type-rank", type=int, default=32)
     ap.add_argument("--skip-fisher-check", action="store_true")
     args = ap.parse_args()
@@ -131,7 +131,8 @@ def main() -> int:
             sol = B.Solution.load(sol_file)
         else:
             t0 = time.perf_counter()
-            sol = comp.solve(hf, qpath, max_rank=B.MAX_RANK, stats=stats, adapter_types=B.AUTO_TYPES)
+            sol = comp.solve(hf, qpath, max_rank=B.MAX_RANK, stats=stats, adapter_types=B.AUTO_TYPES,
+                             importance_samples=16, importance_seqlen=128, importance_draws=8)
             sol.meta["seconds"]["solve_total"] = round(time.perf_counter() - t0, 1)
             sol.save(sol_file)
         sols[q] = sol
