@@ -24,8 +24,8 @@ def tiny(tmp_path_factory):
 
 
 def test_fisher_estimate_matches_injected_kl(tiny):
-    """Per tensor, the estimate agrees with the measured KL within the sampling error (8 sequences x 16 draws: ~13%), and it
-    ranks tensors of very different sensitivity the same way."""
+    """Per tensor, the estimate agrees with the measured KL within the sampling error (8 sequences x 16 draws:
+    ~13%), and it ranks tensors of very different sensitivity the same way."""
     model, ids = tiny
     rng = np.random.default_rng(0)
     deltas = {}

@@ -137,7 +137,7 @@ def main() -> int:
             sol.save(sol_file)
         sols[q] = sol
         kl_sum = float(sum(sol.meta["kl"].values()))
-        result["bases"][q] = {"bytes": qpath.stat().st_size, "seconds": sol.meta.get("seconds"),
+        result["bases"][q] = {"bytes": qpath.stat().st_size, "solve_seconds": sol.meta.get("seconds"),
                               "fisher_kl_sum": kl_sum, **kld(llama, qpath, base_kld, text, lora=None,
                                                                chunks=args.chunks, threads=args.threads)}
         log.info("%s: %s", q, result["bases"][q])
