@@ -30,10 +30,16 @@ from .naming import NameMap
 log = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
-ADAPTER_DTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
-# Types the loader takes and our reader dequantizes (convert_lora_to_gguf.py writes these).
-READABLE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0})
+# Storage types of the factors. llama-adapter.cpp puts no restriction on them (the loader copies whatever ggml type
+# the file holds, and build_lora_mm multiplies with ggml_mul_mat, which takes every type whose rows are whole
+# blocks); the lower-bit ones are those gguf-py can quantize. Block types need rows (n_in for A, r for B) that are
+# whole 32-element blocks; other tensors are stored as F16 (`storage_type`).
+ADAPTER_DTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0,
+                                "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}
+# Types the loader takes and our reader dequantizes.
+READABLE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0})
 F16_MAX = float(np.finfo(np.float16).max)
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # tensor data offsets and sizes are padded to this in the file
 
 Factors = Mapping[str, tuple[Any, Any]]
 
@@ -53,22 +59,87 @@ class LoraInfo:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# bytes, exactly as the file stores them
+
+
+def storage_type(qtype: Q, row_len: int) -> Q:
+    """The type a factor with rows of `row_len` is stored as: `qtype` when its rows are whole blocks, else F16."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if row_len % block == 0 else Q.F16
+
+
+def stored_shapes(name: str, n_out: int, n_in: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """numpy shapes (rows, row length) of `<name>.lora_a` and `.lora_b` for a base weight of n_out x n_in (numpy).
+
+    Linears: lora_a (r, n_in), lora_b (n_out, r). token_embd (numpy (n_vocab, n_embd)) is applied as
+    mul_mat(lora_b, get_rows(lora_a, tokens)) with "A and B flipped" (llama-adapter.cpp checks base ne[0] = B ne[1],
+    base ne[1] = A ne[1]): lora_a (n_vocab, r), lora_b (n_embd, r), both rows of r.
+    """
+    if name.endswith("token_embd.weight"):
+        return (n_out, rank), (n_in, rank)
+    return (rank, n_in), (n_out, rank)
+
+
+def tensor_nbytes(qtype: Q, rows: int, row_len: int) -> int:
+    """Bytes of a (rows, row_len) tensor stored as `qtype` (after `storage_type`'s fallback), unpadded."""
+    qtype = storage_type(qtype, row_len)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return rows * (row_len // block) * size
+
+
+def pair_bytes(name: str, n_out: int, n_in: int, rank: int, qtype: Q) -> int:
+    """File bytes of one LoRA pair's data (both tensors, each padded to ALIGNMENT) at `rank` stored as `qtype`."""
+    (ar, al), (br, bl) = stored_shapes(name, n_out, n_in, rank)
+    return _pad(tensor_nbytes(qtype, ar, al)) + _pad(tensor_nbytes(qtype, br, bl))
+
+
+def header_bytes(arch: str, names: list[str] | tuple[str, ...],
+                 metadata: Mapping[str, str | int | float] | None = None) -> int:
+    """Bytes of a `write_gguf_lora` file before its tensor data: header, key-values, tensor infos, padding.
+
+    It does not depend on the ranks or types (every dimension is a u64, every type a u32), so the file's size is
+    exactly header_bytes(...) + Σ pair_bytes(...) (tests/test_budget.py checks it against written files).
+    """
+    def string(x: str) -> int:
+        return 8 + len(x.encode("utf-8"))
+
+    def value(v: str | int | float) -> int:
+        return string(v) if isinstance(v, str) else 1 if isinstance(v, bool) else 8 if isinstance(v, int) else 4
+
+    kv: dict[str, str | int | float] = {gguf.Keys.General.ARCHITECTURE: arch, gguf.Keys.General.TYPE: "adapter",
+                                        gguf.Keys.Adapter.TYPE: "lora", gguf.Keys.Adapter.LORA_ALPHA: 0.0,
+                                        **(metadata or {})}
+    n = 4 + 4 + 8 + 8  # magic, version, tensor count, kv count
+    n += sum(string(k) + 4 + value(v) for k, v in kv.items())
+    n += sum(string(f"{name}{suffix}") + 4 + 2 * 8 + 4 + 8 for name in names for suffix in (".lora_a", ".lora_b"))
+    return _pad(n)
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+# --------------------------------------------------------------------------------------------------------------
 # GGUF LoRA
 
 
-def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str, dtype: str = "f16",
+def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str,
+                    dtype: str | Mapping[str, str] = "f16",
                     metadata: Mapping[str, str | int | float] | None = None) -> Path:
     """Write factors as a GGUF LoRA adapter that llama.cpp applies with scale 1; atomic.
 
     factors: {base tensor name: (B (n_out, r), A (r, n_in))} in GGUF row order (numpy or torch).
-    dtype: f32 | f16 | q8_0. Q8_0 needs a row length (n_in for A, r for B) divisible by 32; other tensors
-    fall back to F16 (logged). F16 falls back to F32 for a tensor whose values overflow it.
+    dtype: a key of ADAPTER_DTYPES (f32, f16, q8_0, q5_1, q5_0, q4_1, q4_0), or {name: dtype} per pair. Block
+    types need a row length (n_in for A, r for B) divisible by 32; other tensors fall back to F16 (logged, see
+    `storage_type`). F16 falls back to F32 for a tensor whose values overflow it.
     metadata: extra string/int/float key-values (e.g. eora.method), written as given.
     """
-    if dtype not in ADAPTER_DTYPES:
-        raise EoraError(f"unknown adapter type {dtype!r}: choose one of {', '.join(ADAPTER_DTYPES)}")
     if not factors:
         raise EoraError("no adapter tensors to write: the rank or the module selection left nothing")
+    types = {name: dtype if isinstance(dtype, str) else dtype.get(name, "") for name in factors}
+    for name, t in types.items():
+        if t not in ADAPTER_DTYPES:
+            raise EoraError(f"unknown adapter type {t!r} for {name}: choose one of {', '.join(ADAPTER_DTYPES)}")
     pairs = {name: _check_pair(name, b, a) for name, (b, a) in factors.items()}
     ranks = {name: a.shape[0] for name, (_, a) in pairs.items()}
     alpha = float(next(iter(ranks.values()))) if len(set(ranks.values())) == 1 else 0.0
@@ -81,13 +152,14 @@ def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str
         for key, value in (metadata or {}).items():
             _add_metadata(writer, key, value)
         for name, (b, a) in pairs.items():
-            _add_tensor(writer, f"{name}.lora_a", a, ADAPTER_DTYPES[dtype])
-            _add_tensor(writer, f"{name}.lora_b", b, ADAPTER_DTYPES[dtype])
+            _add_tensor(writer, f"{name}.lora_a", a, ADAPTER_DTYPES[types[name]])
+            _add_tensor(writer, f"{name}.lora_b", b, ADAPTER_DTYPES[types[name]])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    log.info("wrote %s: %d LoRA pairs, alpha %g, %s", path, len(pairs), alpha, dtype)
+    log.info("wrote %s: %d LoRA pairs, alpha %g, %s", path, len(pairs), alpha,
+             dtype if isinstance(dtype, str) else dict(Counter(types.values())))
     return path
 
 
@@ -181,7 +253,8 @@ def _pairs(model: GGUFModel) -> tuple[LoraInfo, dict[str, tuple[str, str]]]:
         ta, tb = p[".lora_a"], p[".lora_b"]
         for t in (ta, tb):
             if model.tensor(t).qtype not in READABLE_TYPES:
-                raise EoraError(f"{name}: {t} is {model.tensor(t).qtype.name}; expected F32, F16, BF16 or Q8_0")
+                raise EoraError(f"{name}: {t} is {model.tensor(t).qtype.name}; expected one of "
+                                f"{', '.join(sorted(q.name for q in READABLE_TYPES))}")
         pairs[base_name] = (ta, tb)
         info.ranks[base_name] = model.tensor(tb).ne[0]
         info.types[base_name] = (model.tensor(ta).qtype.name, model.tensor(tb).qtype.name)
@@ -206,9 +279,11 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def _add_tensor(writer: gguf.GGUFWriter, name: str, x: np.ndarray, qtype: Q) -> None:
-    if qtype == Q.Q8_0 and x.shape[1] % 32:
-        log.info("%s: row length %d is not a multiple of 32, stored as F16 instead of Q8_0", name, x.shape[1])
-        qtype = Q.F16
+    stored = storage_type(qtype, x.shape[1])
+    if stored != qtype:
+        log.info("%s: row length %d is not a multiple of %d, stored as F16 instead of %s", name, x.shape[1],
+                 gguf.GGML_QUANT_SIZES[qtype][0], qtype.name)
+        qtype = stored
     if qtype == Q.F16 and np.abs(x).max(initial=0.0) > F16_MAX:
         log.warning("%s: values exceed the F16 range, stored as F32", name)
         qtype = Q.F32

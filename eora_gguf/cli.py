@@ -122,10 +122,27 @@ def cmd_imatrix(args: argparse.Namespace) -> dict:
 def cmd_compensate(args: argparse.Namespace) -> dict:
     from . import compensate
 
+    adapter_type = args.adapter_type or ("auto" if args.budget else "f16")
+    if args.rank is None and args.budget is None:
+        raise EoraError("give --rank R (every tensor) or --budget SPEC (ranks chosen per tensor)")
+    if args.budget is None and (args.solution or args.no_importance):
+        raise EoraError("--solution and --no-importance go with --budget")
     report = compensate.compensate(
         args.hf, args.gguf, args.output, rank=args.rank, method=args.method,
         calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
-        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor)
+        propagate=args.propagate, adapter_type=adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor,
+        budget=args.budget, solution_out=args.solution, importance_weights=not args.no_importance)
+    out = report.as_dict()
+    if args.verbose:
+        out["per_tensor"] = report.tensors
+    return out
+
+
+def cmd_adapt(args: argparse.Namespace) -> dict:
+    from . import compensate
+
+    report = compensate.adapt(args.solution, args.gguf, args.output, args.budget, adapter_type=args.adapter_type,
+                              peft_dir=args.peft, hf_dir=args.hf)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -277,13 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gguf", required=True, metavar="BASE.gguf", help="its quantized GGUF")
     calib_options(sp)
     sp.add_argument("--stats", metavar="STATS.safetensors", help="reuse statistics from `calibrate`")
-    sp.add_argument("--rank", type=int, required=True)
+    sp.add_argument("--rank", type=int, help="the rank of every tensor; with --budget, the largest rank any "
+                                              "tensor may get (default 256)")
+    sp.add_argument("--budget", metavar="SPEC", help="choose per-tensor ranks and types to fit a byte budget: "
+                    "model + adapter (95MB, 95MiB, 5.8bpw) or the adapter alone (adapter:6MB)")
+    sp.add_argument("--solution", metavar="SOLUTION.safetensors",
+                    help="with --budget: keep the solve (factors, gains, objectives, importance) for `adapt`")
+    sp.add_argument("--no-importance", action="store_true",
+                    help="with --budget: weigh tensors by their calibration objective alone, not by their "
+                         "measured effect on the output")
     sp.add_argument("--method", default="eora", help="eora (default), svd or diag")
     sp.add_argument("--propagate", default="original", help="original (default) or compensated (sequential)")
-    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
+    sp.add_argument("--adapter-type", help="f16 (default without --budget), f32, q8_0, q5_1, q5_0, q4_1, q4_0, or "
+                                           "auto (default with --budget: the budget chooses per tensor)")
     sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (HF row order)")
     sp.add_argument("--eig-floor", type=float, default=1e-6,
                     help="covariance eigenvalues below this x the largest are lifted (ridge); default 1e-6")
+    sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
+
+    sp = verb("adapt", cmd_adapt, "write the adapter a byte budget buys from a saved solve (compensate --budget "
+                                   "--solution), without solving again")
+    sp.add_argument("--solution", required=True, metavar="SOLUTION.safetensors")
+    sp.add_argument("--gguf", required=True, metavar="BASE.gguf", help="the quantized GGUF it was solved against")
+    sp.add_argument("--budget", required=True, metavar="SPEC", help="95MB, 95MiB, 5.8bpw or adapter:6MB")
+    sp.add_argument("--adapter-type", default="auto", help="auto (default) or one of f16, q8_0, q5_1, q5_0, q4_1, "
+                                                           "q4_0")
+    sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (needs --hf)")
+    sp.add_argument("--hf", metavar="HF_DIR", help="the original HF model (for --peft)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
     sp = verb("validate", cmd_validate, "run real activations through the native fused kernel: per-tensor output "
@@ -303,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--rank", default=rank, help=f"comma-separated ranks; 0 = no adapter (default {rank})")
         sp.add_argument("--method", default=method,
                         help=f"comma-separated methods: eora, svd, diag (default {method})")
-        sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32 or q8_0")
+        sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32, q8_0, q5_1, q5_0, q4_1 or q4_0")
         calib_options(sp)
         sp.add_argument("--no-imatrix", action="store_true",
                         help="quantize without an importance matrix (default: one made from the calibration "

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import adapter as adapter_io
-from . import calib_data, calibration, eora
+from . import budget as budget_mod
+from . import calib_data, calibration, eora, importance
 from .errors import EoraError, check_writable
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
@@ -93,9 +94,13 @@ class _Solver:
     """Solves one decoder layer at a time against the GGUF; collects factors in GGUF names/row order."""
 
     def __init__(self, hf_dir: Path, base: GGUFModel, names: NameMap, *, method: str, rank: int,
-                 eig_floor: float) -> None:
+                 eig_floor: float, budget_types: tuple[str, ...] | None = None) -> None:
+        """budget_types: solve every tensor at min(rank, its dimensions) and keep, per tensor, the gains and the
+        exact objective of every rank stored as each of these types (a budget.Solution in `self.solution`)."""
         self.hf_dir, self.base, self.names = hf_dir, base, names
         self.method, self.rank, self.eig_floor = method, rank, eig_floor
+        self.budget_types = budget_types
+        self.solution = budget_mod.Solution(arch=str(base.meta.arch))
         self.files = calibration.tensor_files(hf_dir)
         self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.tensors: dict[str, dict[str, float]] = {}
@@ -123,10 +128,15 @@ class _Solver:
             if not torch.isfinite(dw).all():
                 raise EoraError(f"{gname}: the HF or GGUF weight holds NaN/Inf: check both model files")
             cov = stats.covariance(module) if self.method != "svd" else None
-            b, a = eora.solve(self.method, dw, cov, self.rank, name=gname, eig_floor=self.eig_floor)
+            rank = self.rank if self.budget_types is None else min(self.rank, *dw.shape)
+            b, a = eora.solve(self.method, dw, cov, rank, name=gname, eig_floor=self.eig_floor)
             self.factors[gname] = (b.to(torch.float32).numpy(), a.to(torch.float32).numpy())
             c = cov if cov is not None else stats.covariance(module)
             before = float(((dw @ c) * dw).sum())
+            if self.budget_types is not None:
+                self.solution.tensors[gname] = budget_mod.TensorSolution(
+                    *self.factors[gname], eora.component_gains(a, c).numpy(),
+                    budget_mod.objectives(dw.numpy(), c.numpy(), b.numpy(), a.numpy(), self.budget_types))
             after = eora.weighted_error(dw, c, b, a)
             ref = float(((w @ c) * w).sum())
             self.tensors[gname] = {"rel_err_before": before / ref, "rel_err_after": after / ref,
@@ -137,12 +147,13 @@ class _Solver:
 
 
 def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
-               rank: int, method: str = "eora", calib: str | None = "demo,stories",
+               rank: int | None = None, method: str = "eora", calib: str | None = "demo,stories",
                stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None,
-               samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str = "f16",
+               samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str | None = None,
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
                batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None,
-               tokenizer=None) -> Report:
+               tokenizer=None, budget: budget_mod.Budget | str | None = None,
+               solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -152,7 +163,223 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     also: {lower rank: path} — also write those ranks' adapters. Every method's rank-r solution is the first r
     components of its rank-R one (B's columns are the top eigenvectors of one Gram matrix, in descending
     order), so one solve serves all ranks (with propagate="original"; compensated mode depends on the rank).
+    budget: a byte budget (`budget.Budget` or its text, e.g. "95MB", "5.8bpw", "adapter:6MB"): every tensor is
+    solved once at min(rank or budget.MAX_RANK, its dimensions), its output effect measured (`importance`, unless
+    importance_weights is False), and per-tensor ranks and types chosen to fit (`adapter_type` "auto" chooses
+    among budget.AUTO_TYPES; the default with a budget, F16 without); solution_out keeps that solve for `adapt` with
+    other budgets.
     """
+    if adapter_type is None:
+        adapter_type = "f16" if budget is None and solution_out is None else "auto"
+    if budget is None and solution_out is None:
+        if rank is None:
+            raise EoraError("give --rank or --budget")
+        return _compensate_rank(hf_dir, gguf_path, out, rank=rank, method=method, calib=calib, stats=stats,
+                                samples=samples, seqlen=seqlen, propagate=propagate, adapter_type=adapter_type,
+                                peft_dir=peft_dir, eig_floor=eig_floor, batch_size=batch_size, also=also,
+                                tokenizer=tokenizer)
+    if also:
+        raise EoraError("--budget chooses the ranks itself: extra ranks (also) do not apply")
+    spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
+    dtypes = _budget_types(adapter_type)
+    check_writable(out)
+    if solution_out is not None:
+        check_writable(solution_out)
+    t0 = time.perf_counter()
+    sol = solve(hf_dir, gguf_path, max_rank=rank or budget_mod.MAX_RANK, method=method, calib=calib, stats=stats,
+                samples=samples, seqlen=seqlen, adapter_types=dtypes, eig_floor=eig_floor, batch_size=batch_size,
+                tokenizer=tokenizer, importance_weights=importance_weights)
+    if solution_out is not None:
+        sol.save(solution_out)
+    if spec is None:
+        raise EoraError("a solution alone was asked for: give --budget to write an adapter too")
+    report = adapt(sol, gguf_path, out, spec, adapter_type=adapter_type, peft_dir=peft_dir, hf_dir=hf_dir)
+    report.seconds = {**sol.meta.get("seconds", {}), "total": round(time.perf_counter() - t0, 2)}
+    return report
+
+
+def _budget_types(adapter_type: str) -> tuple[str, ...]:
+    if adapter_type == "auto":
+        return budget_mod.AUTO_TYPES
+    if adapter_type not in adapter_io.ADAPTER_DTYPES:
+        raise EoraError(f"unknown --adapter-type {adapter_type!r}: choose auto or one of "
+                        f"{', '.join(adapter_io.ADAPTER_DTYPES)}")
+    return (adapter_type,)
+
+
+def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, max_rank: int = budget_mod.MAX_RANK,
+          method: str = "eora", calib: str | None = "demo,stories",
+          stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None, samples: int = 64,
+          seqlen: int = 512, adapter_types: tuple[str, ...] = budget_mod.AUTO_TYPES, eig_floor: float = 1e-6,
+          batch_size: int = 8, tokenizer=None, importance_weights: bool = True, importance_samples: int = 16,
+          importance_seqlen: int = 128, importance_draws: int = 8) -> budget_mod.Solution:
+    """Solve every tensor once at min(max_rank, its dimensions) for `budget` (see budget.py): factors, gains, the
+    exact objective per stored type and rank, and (importance_weights) each tensor's importance weight measured
+    with `importance.fisher_kl` on the first importance_samples x importance_seqlen calibration tokens."""
+    hf = Path(hf_dir)
+    if method not in eora.METHODS:
+        raise EoraError(f"unknown --method {method!r}: choose one of {', '.join(eora.METHODS)}")
+    if max_rank < 1:
+        raise EoraError(f"the largest rank must be a positive integer, got {max_rank}")
+    for t in adapter_types:
+        if t not in adapter_io.ADAPTER_DTYPES:
+            raise EoraError(f"unknown adapter type {t!r}: choose one of {', '.join(adapter_io.ADAPTER_DTYPES)}")
+    config = load_config(hf)
+    names = NameMap.from_config(config)
+    t_start = time.perf_counter()
+    with open_gguf(gguf_path) as base:
+        check_matches(config, base)
+        solver = _Solver(hf, base, names, method=method, rank=max_rank, eig_floor=eig_floor,
+                         budget_types=tuple(adapter_types))
+        calib_meta, ids = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
+                               propagate="original", batch_size=batch_size, tokenizer=tokenizer)
+        t_solve = time.perf_counter() - t_start
+        sol = solver.solution
+        before = {n: t.before for n, t in sol.tensors.items()}
+        kl: dict[str, float] = {}
+        if importance_weights:
+            t0 = time.perf_counter()
+            if ids is None:
+                spec = calib_meta.get("calibration")
+                if not spec:
+                    raise EoraError("the statistics do not name their calibration text: give --calib to measure "
+                                    "the importance weights, or turn them off")
+                ids = calibration_ids(hf, str(spec), samples=importance_samples, seqlen=importance_seqlen,
+                                      tokenizer=tokenizer)
+            kl = measure_importance(hf, base, names, list(sol.tensors), ids[:importance_samples, :importance_seqlen],
+                                    draws=importance_draws)
+            sol.set_weights(importance.weights(kl, before))
+            t_imp = time.perf_counter() - t0
+        else:
+            t_imp = 0.0
+    sol.meta.update({"method": method, "base_model": Path(gguf_path).name, "max_rank": max_rank,
+                     "adapter_types": list(adapter_types), **calib_meta,
+                     "importance": "fisher" if importance_weights else "none", "kl": kl, "before": before,
+                     "qtypes": {n: solver.tensors[n]["qtype"].name for n in sol.tensors},
+                     "ref": {n: before[n] / solver.tensors[n]["rel_err_before"] if solver.tensors[n]["rel_err_before"]
+                             else 0.0 for n in sol.tensors},  # ‖W X‖² per token, for relative errors
+                     "seconds": {"calibrate_and_solve": round(t_solve, 2), "solve": round(solver.solve_seconds, 2),
+                                 "importance": round(t_imp, 2)}})
+    return sol
+
+
+def measure_importance(hf_dir: str | os.PathLike[str], base: GGUFModel, names: NameMap, tensors: list[str],
+                       ids: torch.Tensor, *, draws: int = 8, batch_size: int = 4) -> dict[str, float]:
+    """`importance.fisher_kl` of each GGUF tensor's quantization error (W - Wq), by GGUF name."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    params = dict(model.named_parameters())
+    by_object = {id(m): n for n, m in model.named_modules()}
+    special = {"token_embd.weight": by_object.get(id(model.get_input_embeddings())),
+               "output.weight": by_object.get(id(model.get_output_embeddings()))}
+    deltas: dict[str, torch.Tensor] = {}
+    to_gguf: dict[str, str] = {}
+    for gname in tensors:
+        module = special[gname] if gname in special else names.to_hf(gname)
+        if module is None:
+            raise EoraError(f"{gname}: the HF model has no module for it")
+        w = params[module + ".weight"].detach().to(torch.float64)
+        wq = torch.from_numpy(base.dequantize(gname)).to(torch.float64)
+        if gname in special:  # same (rows, dim) layout; rows the converter dropped from the vocabulary stay exact
+            wq = torch.cat([wq.reshape(-1, w.shape[1]), w[wq.numel() // w.shape[1]:]])
+        else:
+            wq = names.gguf_to_hf_rows(module, wq.reshape(w.shape[0], w.shape[1]))
+        deltas[module], to_gguf[module] = (w - wq).to(torch.float32), gname
+    kl = importance.fisher_kl(model, deltas, ids, draws=draws, batch_size=batch_size)
+    return {to_gguf[m]: v for m, v in kl.items()}
+
+
+def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str | os.PathLike[str],
+          out: str | os.PathLike[str], budget: budget_mod.Budget | str, *, adapter_type: str = "auto",
+          peft_dir: str | os.PathLike[str] | None = None, hf_dir: str | os.PathLike[str] | None = None) -> Report:
+    """Write the adapter a budget buys from a saved solve (no solving): allocate, truncate, write, check.
+
+    The written file never exceeds the budget (EoraError if it would; the accounting is exact, see budget.py).
+    peft_dir (needs hf_dir for the module names): also a PEFT folder with the same ranks (rank_pattern,
+    alpha_pattern: scale 1 everywhere) and the factors as the GGUF stores them (dequantized).
+    """
+    sol = solution if isinstance(solution, budget_mod.Solution) else budget_mod.Solution.load(solution)
+    spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
+    dtypes = _budget_types(adapter_type)
+    check_writable(out)
+    if peft_dir is not None:
+        if hf_dir is None:
+            raise EoraError("a PEFT folder needs the HF model folder (its module names)")
+        check_writable(Path(peft_dir))
+    model_bytes = os.path.getsize(gguf_path)
+    avail = spec.adapter_bytes(model_bytes, n_params(gguf_path))
+    if sol.meta.get("base_model") not in (None, Path(gguf_path).name):
+        log.warning("the solution was solved against %s, not %s", sol.meta.get("base_model"), Path(gguf_path).name)
+    metadata = {"eora.method": str(sol.meta.get("method", "eora")), "eora.rank": 0, "eora.propagate": "original",
+                "eora.base_model": Path(gguf_path).name, "eora.calibration": str(sol.meta.get("calibration")),
+                "eora.budget": spec.spec or f"{spec.kind}:{spec.value:g}"}
+    alloc = budget_mod.plan(sol, avail, dtypes=dtypes, metadata=metadata)
+    if not alloc.ranks():
+        raise EoraError(f"the budget leaves {avail} bytes for the adapter: not enough for rank 1 of any tensor")
+    metadata["eora.rank"] = max(alloc.ranks().values())
+    factors = budget_mod.truncated(sol, alloc)
+    path = adapter_io.write_gguf_lora(out, factors, arch=sol.arch, dtype=alloc.types(), metadata=metadata)
+    size = Path(path).stat().st_size
+    if size > avail:  # only an F16 factor overflowing to F32 can do this; never leave an over-budget file
+        Path(path).unlink()
+        raise EoraError(f"the adapter would take {size} bytes, over its budget of {avail}: a factor overflowed F16; "
+                        "choose a quantized --adapter-type")
+    with open_gguf(gguf_path) as base:
+        adapter_io.check_gguf_lora(path, base)
+    if peft_dir is not None:
+        _, stored = adapter_io.read_gguf_lora(path)
+        names = NameMap.from_config(load_config(hf_dir))
+        adapter_io.write_peft(peft_dir, stored, names, base_model_name_or_path=str(hf_dir))
+    tensors = {}
+    refs = sol.meta.get("ref", {})
+    for n, t in sol.tensors.items():
+        o = alloc.choices[n]
+        obj = float(t.objective[o.dtype][o.rank]) if o.rank else t.before
+        ref = refs.get(n) or float("nan")
+        tensors[n] = {"rank": o.rank, "type": o.dtype or None, "bytes": o.bytes, "rel_err_before": t.before / ref,
+                      "rel_err_after": obj / ref, "weight": t.weight, "kl": sol.meta.get("kl", {}).get(n)}
+    summary = alloc.summary()
+    return Report(adapter=str(path), method=str(sol.meta.get("method", "eora")), rank=metadata["eora.rank"],
+                  tensors=tensors, meta={"propagate": "original", "adapter_bytes": size, "adapter_type": adapter_type,
+                                         "budget": metadata["eora.budget"], "budget_adapter_bytes": avail,
+                                         "model_bytes": model_bytes, "total_bytes": model_bytes + size,
+                                         "calibration": sol.meta.get("calibration"),
+                                         "calib_tokens": sol.meta.get("calib_tokens"), **summary})
+
+
+def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
+         stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
+         propagate: str, batch_size: int, tokenizer) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Stream calibration through the model (or reuse statistics), solving each layer; (calibration info, ids)."""
+    if stats is not None:
+        if propagate == "compensated":
+            raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
+        st = stats if isinstance(stats, calibration.CalibrationStats) else calibration.CalibrationStats.load(stats)
+        st.check_model(hf)
+        for bid in range(names.dims.n_layers):
+            solver.layer(st, st.modules(bid))
+        return {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}, None
+    if calib is None:
+        raise EoraError("give calibration data (--calib) or statistics (--stats)")
+    ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
+
+    def on_layer(i: int, layer_stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
+        weights = solver.layer(layer_stats, layer_stats.modules(i))
+        return weights if propagate == "compensated" else {}
+
+    calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
+                       keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
+                       return_hidden=False)
+    return {"calibration": calib, "calib_tokens": int(ids.numel())}, ids
+
+
+def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
+                     out: str | os.PathLike[str], *, rank: int, method: str, calib: str | None,
+                     stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
+                     propagate: str, adapter_type: str, peft_dir: str | os.PathLike[str] | None, eig_floor: float,
+                     batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer) -> Report:
+    """One rank for every tensor (see `compensate`)."""
     hf = Path(hf_dir)
     if method not in eora.METHODS:
         raise EoraError(f"unknown --method {method!r}: choose one of {', '.join(eora.METHODS)}")
@@ -178,27 +405,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         check_matches(config, base)
         solver = _Solver(hf, base, names, method=method, rank=rank, eig_floor=eig_floor)
         t0 = time.perf_counter()
-        if stats is not None:
-            if propagate == "compensated":
-                raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
-            st = stats if isinstance(stats, calibration.CalibrationStats) else calibration.CalibrationStats.load(stats)
-            st.check_model(hf)
-            for bid in range(names.dims.n_layers):
-                solver.layer(st, st.modules(bid))
-            calib_meta = {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}
-        elif calib is None:
-            raise EoraError("give calibration data (--calib) or statistics (--stats)")
-        else:
-            ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
-
-            def on_layer(i: int, layer_stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
-                weights = solver.layer(layer_stats, layer_stats.modules(i))
-                return weights if propagate == "compensated" else {}
-
-            calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
-                               keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
-                               return_hidden=False)
-            calib_meta = {"calibration": calib, "calib_tokens": int(ids.numel())}
+        calib_meta, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
+                             propagate=propagate, batch_size=batch_size, tokenizer=tokenizer)
         t_cal = time.perf_counter() - t0
         arch = base.meta.arch
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
@@ -226,4 +434,5 @@ def n_params(gguf_path: str | os.PathLike[str]) -> int:
         return int(sum(int(np.prod(m.tensor(n).shape)) for n in m.names))
 
 
-__all__ = ["Report", "calibrate", "compensate", "check_rank", "n_params", "model_dims"]
+__all__ = ["Report", "adapt", "calibrate", "compensate", "check_rank", "measure_importance", "n_params", "model_dims",
+           "solve"]

@@ -120,6 +120,24 @@ def solve(method: str, delta_w: torch.Tensor, cov: torch.Tensor | None, rank: in
     return solvers[method]()
 
 
+def component_gains(a: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """The exact objective drop of each component of a solver's factors: gains (r,) float64, in tr(E C Eᵀ) units.
+
+    Every solver here returns B = U with orthonormal (or zero) columns and A = Uᵀ ΔW, so P_r = U_r U_rᵀ ΔW is an
+    orthogonal projection of ΔW's columns and, with G = ΔW C ΔWᵀ (d_out, d_out),
+
+        e(P_r) = tr((I - U_r U_rᵀ) G (I - U_r U_rᵀ)) = tr(G) - Σ_{i≤r} u_iᵀ G u_i = tr(G) - Σ_{i≤r} a_i C a_iᵀ,
+
+    so component i lowers the objective by exactly gain_i = a_i C a_iᵀ (a_i the i-th row of A), whatever the rank
+    it is truncated at. For `eora` without the eigenvalue floor gain_i = σ_i² (descending); with the floor, or
+    for `svd`/`diag`, the gains are still exact for the true C but need not be sorted. A zeroed component gains 0.
+    a: (r, d_in) the solver's A; cov: (d_in, d_in) the calibration covariance C (not floored).
+    """
+    a64 = torch.as_tensor(a).to(torch.float64)
+    c = torch.as_tensor(cov).to(torch.float64)
+    return ((a64 @ (0.5 * (c + c.T))) * a64).sum(dim=1).clamp(min=0.0)
+
+
 def weighted_error(delta_w: torch.Tensor, cov: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     """‖(ΔW - BA) X‖²_F computed as tr(E C Eᵀ), E = ΔW - BA (d_out, d_in); float64."""
     e = delta_w.to(torch.float64) - b.to(torch.float64) @ a.to(torch.float64)

@@ -61,6 +61,32 @@ def test_gguf_lora_round_trip(base, tmp_path, dtype, bound):
     assert list(lora_a.shape) == [128, 32]  # ggml ne = [n_in, r]
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+def test_block_types_store_gguf_py_quantization_and_fall_back_per_tensor(base, tmp_path, dtype):
+    """Each block type reads back exactly as gguf-py's quantize -> dequantize of the factors; a rank-8 B (rows of 8)
+    falls back to F16; the file's size is header_bytes + Σ pair_bytes."""
+    from eora_gguf.adapter import ADAPTER_DTYPES, header_bytes, pair_bytes
+
+    path, weights = base
+    qtype = ADAPTER_DTYPES[dtype]
+    ranks = [32, 8, 64]
+    factors = random_factors(weights, ranks)
+    out = write_gguf_lora(tmp_path / "a.gguf", factors, arch="llama", dtype=dtype, metadata={"eora.method": "x"})
+    info = check_gguf_lora(out, path)
+    _, back = read_gguf_lora(out)
+    for name, (b, a) in factors.items():
+        r = a.shape[0]
+        assert info.types[name] == (qtype.name, qtype.name if r % 32 == 0 else "F16")
+        want_a = gguf.quants.dequantize(gguf.quants.quantize(a.astype(np.float32), qtype), qtype)
+        want_b = (gguf.quants.dequantize(gguf.quants.quantize(b.astype(np.float32), qtype), qtype) if r % 32 == 0
+                  else b.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(back[name][1], want_a)
+        np.testing.assert_array_equal(back[name][0], want_b)
+    size = header_bytes("llama", list(factors), {"eora.method": "x"})
+    size += sum(pair_bytes(n, b.shape[0], a.shape[1], a.shape[0], qtype) for n, (b, a) in factors.items())
+    assert out.stat().st_size == size
+
+
 def test_q8_0_falls_back_to_f16_for_short_rows(base, tmp_path, caplog):
     path, weights = base
     with caplog.at_level(logging.INFO, logger="eora_gguf.adapter"):
@@ -142,7 +168,7 @@ def test_failed_write_leaves_no_file(base, tmp_path):
     with pytest.raises(EoraError, match="NaN"):
         write_gguf_lora(tmp_path / "a.gguf", factors, arch="llama")
     with pytest.raises(EoraError, match="unknown adapter type"):
-        write_gguf_lora(tmp_path / "a.gguf", random_factors(weights, 4), arch="llama", dtype="q4_0")
+        write_gguf_lora(tmp_path / "a.gguf", random_factors(weights, 4), arch="llama", dtype="q2_k")
     assert list(tmp_path.iterdir()) == [tmp_path / "base.gguf"]
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from eora_gguf import compensate as comp
+from eora_gguf import budget as B
 from eora_gguf import llamacpp, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora
 from eora_gguf.cli import main
@@ -139,6 +141,112 @@ def test_reconstruction_is_exact_without_activation_quantization(solved, llama, 
     for key in ("base", "adapter"):
         assert res[key]["nmse_centered"] < 1e-7, key
         assert res[key]["top1"] >= 0.98, key
+
+
+@pytest.fixture(scope="module")
+def budgeted(solved, tmp_path_factory):
+    """One budget solve of the tiny llama (every type's objectives, Fisher importance on the calibration text)."""
+    s = solved("llama")
+    sol = comp.solve(s["hf"], s["q"], max_rank=64, stats=s["stats"], adapter_types=("f32", *B.AUTO_TYPES),
+                     importance_samples=4, importance_seqlen=64, importance_draws=2)
+    return s, sol
+
+
+def _assert_non_uniform(info, path, budget_bytes):
+    assert len(set(info.ranks.values())) > 1, info.ranks  # non-uniform ranks ...
+    assert info.alpha == 0.0 and all(info.scale(n) == 1.0 for n in info.ranks)  # ... each applied with scale 1
+    assert path.stat().st_size <= budget_bytes
+
+
+@pytest.mark.llama_cpp
+def test_non_uniform_ranks_apply_exactly_in_llama_cpp(budgeted, llama, texts, tmp_path):
+    """A budget-allocated F32 adapter on the Q2_K weights stored as F32: llama.cpp multiplies in float32, so its
+    logits equal the torch reconstruction (dequantized GGUF + B·A per tensor at its own rank) to float32 rounding,
+    while the adapter visibly moves them."""
+    s, sol = budgeted
+    copy_dir = tmp_path / "deq"
+    copy_dir.mkdir()
+    with open_gguf(s["q"]) as m:
+        deq = {n: m.dequantize(n) for n in m.names if m.tensor(n).qtype.name not in ("F32",)}
+    copy = write_gguf_copy(s["q"], copy_dir / s["q"].name, deq)  # same file name: the solution's base_model
+    rep = comp.adapt(sol, copy, tmp_path / "a.gguf", "adapter:300KB", adapter_type="f32")
+    info = check_gguf_lora(rep.adapter, copy)
+    _assert_non_uniform(info, Path(rep.adapter), 300_000)
+    assert info.ranks == {n: t["rank"] for n, t in rep.tensors.items() if t["rank"]}
+    res = reconstruct.check_logits(llama, s["hf"], copy, texts["heldout"], tmp_path, adapter=rep.adapter, threads=2)
+    print(reconstruct.summarize(res))
+    assert res["adapter"]["nmse_centered"] < 1e-7 and res["adapter"]["top1"] >= 0.98
+    assert res["adapter_effect"]["nmse_centered"] > 1e4 * res["adapter"]["nmse_centered"]
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("dtype", ["auto", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+def test_budget_adapter_types_apply_in_llama_cpp(budgeted, llama, texts, tmp_path, dtype):
+    """Each adapter type, with budget-allocated ranks, on the Q2_K base: llama.cpp's logits equal the torch
+    reconstruction with the factors as the file stores them (dequantized by gguf-py), within llama.cpp's 8-bit
+    activation rounding (as in test_llama_cpp_agrees_with_the_torch_reconstruction), far below the adapter's own
+    effect; and the adapter brings the output toward F16."""
+    s, sol = budgeted
+    rep = comp.adapt(sol, s["q"], tmp_path / "a.gguf", "adapter:200KB", adapter_type=dtype)
+    info = check_gguf_lora(rep.adapter, s["q"])
+    _assert_non_uniform(info, Path(rep.adapter), 200_000)
+    if dtype not in ("auto", "f16"):
+        want = dtype.upper()
+        assert {a for a, _ in info.types.values()} == {want}
+        assert {b for n, (_, b) in info.types.items()} <= {want, "F16"}
+        assert any(b == want for _, b in info.types.values())  # some ranks are whole blocks of 32
+    res = reconstruct.check_logits(llama, s["hf"], s["q"], texts["heldout"], tmp_path, adapter=rep.adapter,
+                                   threads=2)
+    print(dtype, info.types, reconstruct.summarize(res))
+    assert res["adapter"]["nmse_centered"] < 2e-3 and res["adapter"]["top1"] >= 0.9
+    assert res["adapter"]["nmse_centered"] < 0.02 * res["adapter_effect"]["nmse_centered"]
+    _, ref = llamacpp.token_logprobs(llama, s["f16"], texts["heldout"], tmp_path / "f16.bin", threads=2)
+    _, base = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "q.bin", threads=2)
+    _, fixed = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "a.bin", lora=[rep.adapter],
+                                       threads=2)
+    assert kl(ref, fixed) < kl(ref, base)
+
+
+@pytest.mark.llama_cpp
+def test_budget_cli_and_peft_rank_pattern(budgeted, tmp_path, capsys):
+    """`compensate --budget` writes a non-uniform adapter within its bytes and a solution file; `adapt` re-plans
+    from the file without solving; the PEFT folder carries the same ranks (rank_pattern, alpha_pattern: scale 1)
+    and peft merges the GGUF's own (dequantized) factors."""
+    peft = pytest.importorskip("peft")
+    import transformers as tf
+
+    s, _ = budgeted
+    stats = tmp_path / "stats.safetensors"
+    s["stats"].save(stats)
+    sol_file, out = tmp_path / "sol.safetensors", tmp_path / "a.gguf"
+    rc = main(["compensate", "--hf", str(s["hf"]), "--gguf", str(s["q"]), "--stats", str(stats), "--rank", "48",
+               "--budget", "adapter:150KB", "--solution", str(sol_file), "-o", str(out), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["adapter_bytes"] == out.stat().st_size <= 150_000 and res["rank_max"] <= 48
+    peft_dir = tmp_path / "peft"
+    rc = main(["adapt", "--solution", str(sol_file), "--gguf", str(s["q"]), "--budget", "adapter:100KB",
+               "--adapter-type", "q8_0", "--peft", str(peft_dir), "--hf", str(s["hf"]), "-o",
+               str(tmp_path / "b.gguf"), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "b.gguf").stat().st_size <= 100_000 and res["types"].keys() == {"q8_0"}
+    info, stored = read_gguf_lora(tmp_path / "b.gguf")
+    assert len(set(info.ranks.values())) > 1
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    names = NameMap.from_config(json.loads((s["hf"] / "config.json").read_text()))
+    assert {names.to_hf(n): r for n, r in info.ranks.items()} == {m: cfg["rank_pattern"].get(m, cfg["r"])
+                                                                    for m in cfg["target_modules"]}
+    model = tf.AutoModelForCausalLM.from_pretrained(s["hf"], dtype=torch.float32)
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    merged = peft.PeftModel.from_pretrained(model, peft_dir).merge_and_unload().state_dict()
+    for gname, (b, a) in stored.items():
+        module = names.to_hf(gname)
+        want = state[module + ".weight"].numpy() + names.gguf_to_hf_rows(module, b.astype(np.float64)) @ a
+        np.testing.assert_allclose(merged[module + ".weight"].double().numpy(), want, atol=1e-5)
+    with pytest.raises(EoraError, match="no room"):
+        comp.adapt(sol_file, s["q"], tmp_path / "c.gguf", "1KB")
+    assert not (tmp_path / "c.gguf").exists()
 
 
 def test_reconstruction_refuses_unsupported_archs(tmp_path):
@@ -348,3 +456,37 @@ def test_synthetic_gguf_compensates(bad_inputs, tmp_path):
     assert rep.as_dict()["mean_rel_output_error_after"] < rep.as_dict()["mean_rel_output_error_before"]
     assert [p.name for p in tmp_path.iterdir()] == ["a.gguf"]
 
+
+
+def test_synthetic_gguf_budget(bad_inputs, tmp_path):
+    """compensate --budget without llama.cpp: per-tensor ranks and types within the adapter bytes, Fisher weights
+    measured, and a solution file that `adapt` turns into the same adapter without solving."""
+    budget = "adapter:120KB"
+    rep = comp.compensate(bad_inputs["hf"], bad_inputs["ok"], tmp_path / "a.gguf", calib=str(bad_inputs["calib"]),
+                          samples=4, seqlen=32, budget=budget, rank=64, solution_out=tmp_path / "s.safetensors")
+    d = rep.as_dict()
+    assert d["adapter_bytes"] == (tmp_path / "a.gguf").stat().st_size <= 120_000
+    assert d["adapter_bytes"] > 0.9 * 120_000  # the budget is spent
+    assert d["mean_rel_output_error_after"] < d["mean_rel_output_error_before"]
+    info = check_gguf_lora(tmp_path / "a.gguf", bad_inputs["ok"])
+    assert len(set(info.ranks.values())) > 1 and max(info.ranks.values()) <= 64
+    assert all(t["weight"] > 0 and t["kl"] > 0 for t in rep.tensors.values())
+    again = comp.adapt(tmp_path / "s.safetensors", bad_inputs["ok"], tmp_path / "b.gguf", budget)
+    assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()
+    assert again.meta["types"] == d["types"]
+
+
+@pytest.mark.llama_cpp
+def test_importance_of_embeddings_and_head(solved):
+    """measure_importance takes token_embd/output (the embedding-compensation tensors) beside the linears: the
+    F16 embeddings' rounding error costs far less output KL than Q2_K's error in a linear."""
+    s = solved("llama")
+    names = NameMap.from_config(json.loads((s["hf"] / "config.json").read_text()))
+    ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    with open_gguf(s["q"]) as base:
+        kl = comp.measure_importance(s["hf"], base, names, ["token_embd.weight", "output.weight",
+                                                             "blk.0.ffn_down.weight"], ids, draws=2)
+    assert set(kl) == {"token_embd.weight", "output.weight", "blk.0.ffn_down.weight"}
+    assert all(v >= 0 for v in kl.values())
+    assert kl["token_embd.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured < 0.01
+    assert kl["output.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured 0.02

@@ -236,10 +236,13 @@ def test_odd_rank_and_f32_adapters(tiny, llama, patched):
 
 
 @pytest.mark.llama_cpp
-def test_unsupported_adapter_type_keeps_the_stock_ops(tiny, llama, patched):
-    """A Q8_0 adapter: ggml quantizes the input of its products, which the patch does not reproduce, so it keeps
-    the stock ops (and their bits)."""
-    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [tiny["lora_q8"]], n=32)
+@pytest.mark.parametrize("dtype", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+def test_unsupported_adapter_type_keeps_the_stock_ops(tiny, llama, patched, dtype):
+    """Quantized adapters (Q8_0 and the lower-bit types the byte budget chooses): ggml quantizes the input of
+    their products, which the patch does not reproduce, so they keep the stock ops (and their bits)."""
+    lora = tiny["lora_q8"] if dtype == "q8_0" else random_adapter(tiny["f16"], tiny["dir"] / f"lora-{dtype}.gguf",
+                                                                   seed=6, dtype=dtype)
+    batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [lora], n=32)
     assert batch["stock"] == batch["stock_type"] > 0 and batch["fused"] == batch["added"] == 0, batch
     assert gen["fused_runs"] == gen["added_runs"] == 0, gen
 
