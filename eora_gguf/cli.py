@@ -203,9 +203,16 @@ def cmd_ladder(args: argparse.Namespace) -> dict:
     types = [t.strip() for t in (args.types or ",".join(DEFAULT_TYPES)).split(",") if t.strip()]
     if args.chunks is not None and args.chunks < 1:
         raise EoraError(f"--chunks must be >= 1, got {args.chunks}")
+    if args.refine < 0:
+        raise EoraError(f"--refine must be >= 0, got {args.refine}")
+    if args.bases_per_rung < 1:
+        raise EoraError(f"--bases-per-rung must be >= 1, got {args.bases_per_rung}")
     res = run_ladder(hf_dir, Path(args.output), calib=args.calib, samples=args.samples, seqlen=args.seqlen,
                      text=assets.text_file(args.text), types=types, ctx=args.ctx, chunks=args.chunks,
-                     threads=args.threads, verbose=args.verbose)
+                     threads=args.threads, bases_per_rung=args.bases_per_rung,
+                     embedding_types=[e for e in (args.embedding_types or "").split(",") if e.strip()],
+                     refine_iterations=args.refine,
+                     verbose=args.verbose)
     if args.json:
         return res
     from .ladder import markdown
@@ -391,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "'eval', LAMBADA)")
     sp.add_argument("--types", help="comma-separated stock types (default: " + "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,Q4_K_S,"
                                     "Q4_K_M,Q5_K_M,IQ3_XXS,IQ3_S,IQ4_XS,Q4_0)")
+    sp.add_argument("--embedding-types", metavar="T1,T2",
+                    help="also try bases whose token embedding is stored as these types (llama-quantize "
+                         "--token-embedding-type, e.g. q5_0), each measured alone too")
+    sp.add_argument("--refine", type=int, default=0, metavar="N",
+                    help="joint base + adapter: re-quantize W - BA and re-solve N times for each rung's best pair, "
+                         "keeping every measured iterate (default 0)")
+    sp.add_argument("--bases-per-rung", type=int, default=2,
+                    help="pairs tried per rung: the N largest bases below it (per embedding type; default 2)")
     sp.add_argument("--ctx", type=int, default=512)
     sp.add_argument("--chunks", type=int, default=32)
     sp.add_argument("--threads", type=int)

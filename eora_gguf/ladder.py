@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import llama_eval, llamacpp
+from . import llama_eval, llamacpp, refine
 from .errors import EoraError, atomic_output
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Meter:
 def best_per_rung(rows: Sequence[Row]) -> list[dict]:
     """For every stock rung: the best (lowest-KLD) eora pair of no more bytes, and whether it wins on KLD and
     perplexity against the rung with the imatrix and without."""
-    stock = [r for r in rows if r.kind == "stock"]
+    stock = [r for r in rows if r.kind == "stock" and r.extra.get("rung", True)]
     pairs = [r for r in rows if r.kind == "eora"]
     out = []
     for rung in sorted({r.extra["type"] for r in stock}, key=lambda t: min(r.bytes for r in stock
@@ -190,6 +190,37 @@ def rel(path: Path, root: Path) -> str:
     return os.path.relpath(path, root)
 
 
+def budget_pair_maker(hf_dir: Path, stats_file: Path, *, adapter_type: str = "auto",
+                      method: str = "eora") -> PairMaker:
+    """Pairs whose adapter is allocated under the byte budget (budget.py): each base is solved once (its solution
+    file is kept beside it and reused for every budget), then ranks and storage types are chosen per tensor to
+    buy the most importance-weighted objective per byte."""
+    from . import compensate
+    from .budget import Budget
+
+    def make(base: Path, budget: int, stem: Path) -> tuple[list[Path], dict] | None:
+        out = stem.with_name(f"{stem.name}-{method}-budget.gguf")
+        info = stem.with_name(f"{stem.name}-{method}-budget.json")
+        if out.is_file() and info.is_file():
+            return [out], json.loads(info.read_text())
+        sol = base.with_name(f"{base.stem}.{method}-solution.safetensors")
+        if not sol.is_file():
+            log.info("solving %s against %s (once for every budget)", method, base.name)
+            compensate.solve(hf_dir, base, method=method, stats=stats_file).save(sol)
+        try:
+            rep = compensate.adapt(sol, base, out, Budget("adapter", budget), adapter_type=adapter_type)
+        except EoraError as e:
+            log.info("no adapter of %s fits %d bytes: %s", base.name, budget, e)
+            return None
+        details = {"method": method, "adapter": "budget", "rank_mean": round(rep.meta["rank_mean"], 1),
+                   "rank_max": rep.meta["rank_max"], "types": rep.meta["types"]}
+        with atomic_output(info) as tmp:
+            tmp.write_text(json.dumps(details))
+        return [out], details
+
+    return make
+
+
 def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] = (8, 16, 24, 32, 48, 64, 96, 128),
                        adapter_types: Sequence[str] = ("q8_0",), method: str = "eora") -> PairMaker:
     """Pairs with one rank for every tensor: solve once per (base, adapter type) at the largest rank, write every
@@ -229,9 +260,17 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
 
 def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen: int, text: Path,
                types: Sequence[str] = DEFAULT_TYPES, ctx: int = 512, chunks: int | None = 32,
-               threads: int | None = None, bases_per_rung: int = 2, make_pair: PairMaker | None = None,
-               imatrix_file: Path | None = None, verbose: bool = False) -> dict:
-    """The whole ladder; returns the content of ladder.json (also written, with ladder.md and ladder.png)."""
+               threads: int | None = None, bases_per_rung: int = 2, embedding_types: Sequence[str] = (),
+               refine_iterations: int = 0, make_pair: PairMaker | None = None, imatrix_file: Path | None = None,
+               verbose: bool = False) -> dict:
+    """The whole ladder; returns the content of ladder.json (also written, with ladder.md and ladder.png).
+
+    embedding_types: also offer bases whose token embedding is stored in these types (llama-quantize
+    --token-embedding-type, e.g. q5_0): each such base is measured alone too (a stock llama-quantize product, not
+    a rung of its own) so that the adapter's share of a pair's gain can be read off.
+    refine_iterations: then alternate quantize ↔ solve (refine.py) that many times on each rung's best pair; every
+    iterate is measured and becomes a row; per-iteration KLD and seconds go to result["refinement"].
+    """
     from . import calib_data, compensate, imatrix
     from .naming import NameMap
 
@@ -239,6 +278,10 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     for t in types:
         if t not in llamacpp.QUANT_TYPES or t in ("F16", "BF16", "F32", "COPY"):
             raise EoraError(f"unknown or unquantized ladder type {t!r}: choose from {', '.join(DEFAULT_TYPES)} …")
+    embedding_types = [e.lower() for e in embedding_types]
+    for e in embedding_types:
+        if e.upper() not in llamacpp.QUANT_TYPES:
+            raise EoraError(f"unknown token-embedding type {e!r}: e.g. q5_0, q4_0, q8_0")
     if samples < 1 or seqlen < 8:
         raise EoraError("--samples must be >= 1 and --seqlen >= 8")
     calib_data.parse_spec(calib)
@@ -275,53 +318,95 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     rows = [Row("F16", "f16", False, [rel(f16, out_dir)], f16.stat().st_size, 0.0, meter.ref.ppl, 1.0,
                 {"type": "F16", "kld_stderr": 0.0, "ppl_stderr": meter.ref.ppl_stderr})]
 
-    quants: dict[tuple[str, bool], Path] = {}
+    # (type, imatrix, token-embedding type or "") -> quantized file
+    quants: dict[tuple[str, bool, str], Path] = {}
     with step("quantize"):
         for t in types:
-            for im in (False, True):
+            for im, emb in [(False, ""), (True, "")] + [(True, e) for e in embedding_types]:
                 if not im and t in IMATRIX_ONLY:
                     continue
-                q = out_dir / f"model-{t}{'-imatrix' if im else ''}.gguf"
+                q = out_dir / f"model-{t}{'-imatrix' if im else ''}{f'-embd-{emb}' if emb else ''}.gguf"
                 if not q.is_file():
                     log.info("quantizing -> %s", q.name)
                     llamacpp.quantize(llama, f16, q, t, imatrix=imatrix_file if im else None, threads=threads,
-                                      verbose=verbose)
-                quants[(t, im)] = q
+                                      extra_args=["--token-embedding-type", emb] if emb else (), verbose=verbose)
+                quants[(t, im, emb)] = q
+
+    def label(t: str, im: bool, emb: str) -> str:
+        return f"{t}{f' (token_embd {emb.upper()})' if emb else ''}{' +imatrix' if im else ''}"
+
     with step("measure_stock"):
-        for (t, im), q in quants.items():
+        for (t, im, emb), q in quants.items():
             m = meter(q)
-            rows.append(Row(f"{t}{' +imatrix' if im else ''}", "stock", im, [rel(q, out_dir)], q.stat().st_size,
-                            m["kld"], m["ppl"], m["top1"], {"type": t, "kld_stderr": m["kld_stderr"],
-                                                              "ppl_stderr": m["ppl_stderr"]}))
-    make_pair = make_pair or uniform_pair_maker(hf_dir, stats_file)
-    bases = sorted(((t, q) for (t, im), q in quants.items() if im), key=lambda x: x[1].stat().st_size)
-    sizes = sorted({min(q.stat().st_size for (t2, _), q in quants.items() if t2 == t) for t in types})
+            rows.append(Row(label(t, im, emb), "stock", im, [rel(q, out_dir)], q.stat().st_size, m["kld"], m["ppl"],
+                            m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
+                                        "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"]}))
+    make_pair = make_pair or budget_pair_maker(hf_dir, stats_file)
+    sizes = sorted({q.stat().st_size for (t, im, emb), q in quants.items() if not emb})
     with step("pairs"):
         for size in sizes:
-            below = [(t, q) for t, q in bases if q.stat().st_size < size][-bases_per_rung:]
-            for t, q in below:
-                made = make_pair(q, size - q.stat().st_size, out_dir / f"adapter-{t}-for-{size // 1000}k")
+            for emb in ["", *embedding_types]:
+                group = sorted(((t, q) for (t, im, e), q in quants.items() if im and e == emb),
+                               key=lambda x: x[1].stat().st_size)
+                for t, q in [b for b in group if b[1].stat().st_size < size][-bases_per_rung:]:
+                    made = make_pair(q, size - q.stat().st_size, out_dir / f"adapter-{q.stem[6:]}-for-{size}")
+                    if made is None:
+                        continue
+                    adapters, details = made
+                    m = meter(q, adapters)
+                    total = q.stat().st_size + sum(a.stat().st_size for a in adapters)
+                    rows.append(Row(f"{label(t, True, emb)} + EoRA {_describe(details)}", "eora", True,
+                                    [rel(q, out_dir)] + [rel(a, out_dir) for a in adapters], total, m["kld"],
+                                    m["ppl"], m["top1"], {"type": t, "token_embd": emb or None, "budget": size,
+                                                          **details, "kld_stderr": m["kld_stderr"],
+                                                          "ppl_stderr": m["ppl_stderr"]}))
+    refinement = []
+    with step("refine"):
+        for v in best_per_rung(rows) if refine_iterations > 0 else []:
+            best = next((r for r in rows if r.name == v["best_pair"]), None)
+            if best is None:
+                continue
+            base = out_dir / best.files[0]
+            budget = v["bytes"] - base.stat().st_size
+
+            def adapter_for(b: Path, stem: Path, budget: int = budget) -> list[Path]:
+                made = make_pair(b, budget, stem)
                 if made is None:
-                    continue
-                adapters, details = made
-                m = meter(q, adapters)
-                total = q.stat().st_size + sum(a.stat().st_size for a in adapters)
-                name = f"{t} +imatrix + " + " ".join(f"{k}={v}" for k, v in details.items())
-                rows.append(Row(name, "eora", True, [rel(q, out_dir)] + [rel(a, out_dir) for a in adapters], total,
-                                m["kld"], m["ppl"], m["top1"], {"type": t, "budget": size, **details,
+                    raise EoraError(f"no adapter fits {budget} bytes beside {b.name}")
+                return made[0]
+
+            hist = refine.refine(llama, f16, best.extra["type"], imatrix_file, out_dir, make_adapter=adapter_for,
+                                 measure=lambda b, a: meter(b, a), iterations=refine_iterations, start=base,
+                                 stem=f"{base.stem[6:]}-for-{v['bytes']}", threads=threads, verbose=verbose,
+                                 extra_args=["--token-embedding-type", best.extra["token_embd"]]
+                                 if best.extra.get("token_embd") else ())
+            for it in hist["iterations"][1:]:
+                m = meter(it["base"], it["adapters"])
+                rows.append(Row(f"{best.name}, refined {it['iteration']}", "eora", True,
+                                [rel(it["base"], out_dir)] + [rel(a, out_dir) for a in it["adapters"]], it["bytes"],
+                                m["kld"], m["ppl"], m["top1"], {**best.extra, "refined": it["iteration"],
                                                                   "kld_stderr": m["kld_stderr"],
                                                                   "ppl_stderr": m["ppl_stderr"]}))
+            refinement.append({"rung": v["rung"], "pair": best.name, "iterations": [
+                {"iteration": it["iteration"], "kld": it["kld"], "ppl": it["ppl"], "bytes": it["bytes"],
+                 "seconds": it["seconds"]} for it in hist["iterations"]]})
     seconds["total"] = round(time.perf_counter() - t_all, 2)
-    stats_meta = json.loads(json.dumps(compensate.calibration.CalibrationStats.load(stats_file).meta, default=str))
+    stats_meta = compensate.calibration.CalibrationStats.load(stats_file).meta
     result = {"model_name": hf_dir.name, "hf_dir": str(hf_dir), "text": str(text), "ctx": meter.ref.ctx,
               "chunks": meter.ref.chunks, "tokens_scored": meter.ref.tokens, "calib": calib,
-              "calib_tokens": stats_meta.get("tokens"), "imatrix": rel(imatrix_file, out_dir)
-              if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
-              "seconds": seconds, "reference_seconds": meter.ref_seconds,
+              "calib_tokens": stats_meta.get("tokens"),
+              "imatrix": rel(imatrix_file, out_dir) if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
+              "seconds": seconds, "reference_seconds": meter.ref_seconds, "refinement": refinement,
               "rows": [r.as_dict() for r in rows]}
     result["verdicts"] = best_per_rung(rows)
     result["outputs"] = write_outputs(result, out_dir)
     return result
+
+
+def _describe(details: dict) -> str:
+    if details.get("adapter") == "budget":
+        return f"budget (mean rank {details['rank_mean']}, {'/'.join(details['types'])})"
+    return f"r{details.get('rank')} {details.get('adapter_type')}"
 
 
 class _Timer:

@@ -84,18 +84,20 @@ def adapter_shifts(adapters: Sequence[str | os.PathLike[str]]) -> dict[str, np.n
 
 def refine(llama: llamacpp.LlamaCpp, f16: Path, qtype: str, imatrix: Path | None, out_dir: Path, *,
            make_adapter: Callable[[Path, Path], list[Path]], measure: Callable[[Path, list[Path]], dict],
-           iterations: int = 3, start: Path | None = None, threads: int | None = None,
-           verbose: bool = False) -> dict:
+           iterations: int = 3, start: Path | None = None, stem: str | None = None, threads: int | None = None,
+           extra_args: Sequence[str] = (), verbose: bool = False) -> dict:
     """Alternate quantize ↔ solve for `iterations` rounds after the plain pair; keep the pair of lowest KLD.
 
     make_adapter(base, stem) -> adapter files for that base; measure(base, adapters) -> {"kld", "ppl", ...}.
     start: the plain base (quantized from `f16` with `qtype` and `imatrix`) when it already exists.
+    stem: names the files of the iterates (default: the type); extra_args: more llama-quantize options (the same
+    for every iterate, e.g. --token-embedding-type), so the refined bases keep the plain base's type mix.
     Returns {"best": index, "iterations": [{"base", "adapters", "kld", "ppl", "seconds", ...}, ...]}.
     """
     if iterations < 0:
         raise EoraError(f"refinement iterations must be >= 0, got {iterations}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{qtype}{'-imatrix' if imatrix else ''}"
+    stem = stem or f"{qtype}{'-imatrix' if imatrix else ''}"
     base = start or out_dir / f"model-{stem}.gguf"
     history: list[dict] = []
     for k in range(iterations + 1):
@@ -106,11 +108,13 @@ def refine(llama: llamacpp.LlamaCpp, f16: Path, qtype: str, imatrix: Path | None
             if not base.is_file():
                 try:
                     write_shifted(f16, shifted, adapter_shifts(history[-1]["adapters"]))
-                    llamacpp.quantize(llama, shifted, base, qtype, imatrix=imatrix, threads=threads, verbose=verbose)
+                    llamacpp.quantize(llama, shifted, base, qtype, imatrix=imatrix, threads=threads,
+                                      extra_args=extra_args, verbose=verbose)
                 finally:
                     shifted.unlink(missing_ok=True)
         elif not base.is_file():
-            llamacpp.quantize(llama, f16, base, qtype, imatrix=imatrix, threads=threads, verbose=verbose)
+            llamacpp.quantize(llama, f16, base, qtype, imatrix=imatrix, threads=threads, extra_args=extra_args,
+                              verbose=verbose)
         t_quant = time.perf_counter() - t0
         adapters = make_adapter(base, out_dir / f"adapter-{stem}-it{k}")
         t_solve = time.perf_counter() - t0 - t_quant

@@ -29,7 +29,8 @@ def test_ladder_end_to_end(tiny_hf, llama, tmp_path, capsys):
     text = _words(tmp_path / "eval.txt", 1500, 2)
     out = tmp_path / "ladder"
     argv = ["ladder", str(hf), "-o", str(out), "--calib", str(calib), "--samples", "4", "--seqlen", "64",
-            "--text", str(text), "--types", "Q2_K,Q4_K_M", "--ctx", "64", "--chunks", "2", "--threads", "2", "--json"]
+            "--text", str(text), "--types", "Q2_K,Q4_K_M", "--ctx", "64", "--chunks", "2", "--threads", "2",
+            "--embedding-types", "q4_0", "--refine", "1", "--json"]
     assert main(argv) == 0, capsys.readouterr().err[-2000:]
     res = json.loads(capsys.readouterr().out)
     data = json.loads((out / "ladder.json").read_text())
@@ -50,8 +51,13 @@ def test_ladder_end_to_end(tiny_hf, llama, tmp_path, capsys):
     a = next(t for t in q.tensors if t.name == "blk.0.ffn_gate.weight").data
     b = next(t for t in qi.tensors if t.name == "blk.0.ffn_gate.weight").data
     assert not np.array_equal(np.asarray(a), np.asarray(b))
+    variant = [r for r in data["rows"] if r.get("token_embd") == "q4_0" and r["kind"] == "stock"]
+    assert len(variant) == 2 and all(not r["rung"] and r["imatrix"] for r in variant)
     pairs = [r for r in data["rows"] if r["kind"] == "eora"]
     assert pairs, "no pair fitted below the largest rung"
+    assert data["refinement"] and all([it["iteration"] for it in ref["iterations"]] == [0, 1]
+                                      for ref in data["refinement"])
+    assert any(r.get("refined") == 1 for r in pairs)
     for p in pairs:
         assert len(p["files"]) == 2 and p["bytes"] <= p["budget"]
     for v in data["verdicts"]:
