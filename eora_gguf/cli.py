@@ -442,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
+    if not args.verbose:  # gguf-py narrates every file it writes at INFO
+        logging.getLogger("gguf").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _on_sigterm)
     t0 = time.perf_counter()
     try:
