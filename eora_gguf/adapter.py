@@ -36,6 +36,8 @@ READABLE_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0})
 F16_MAX = float(np.finfo(np.float16).max)
 
 Factors = Mapping[str, tuple[Any, Any]]
+# What write_peft puts in its folder: an existing folder holding only these is ours to replace.
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,10 @@ def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap
         "modules_to_save": None,
     }
     with atomic_output(out / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise EoraError(f"cannot write {out / 'adapter_model.safetensors'}: {str(exc).splitlines()[0]}") from None
     with atomic_output(out / "adapter_config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     log.info("wrote PEFT adapter %s: %d modules, r %d%s", out, len(ranks), r,
