@@ -445,6 +445,32 @@ def _print_human(result: dict) -> None:
         print(table)
 
 
+class _Summaries(logging.Filter):
+    """Repeated warnings (records with `extra={"summary": (key, text, severity, detail)}`) become one line each:
+    how many, and the worst one. The single records pass only with --verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+        self.seen: dict[str, list] = {}  # key -> [count, text, worst severity, its detail]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        summary = getattr(record, "summary", None)
+        if summary is None:
+            return True
+        key, text, severity, detail = summary
+        entry = self.seen.setdefault(key, [0, text, float("-inf"), detail])
+        entry[0] += 1
+        if severity > entry[2]:
+            entry[2:] = [severity, detail]
+        return self.verbose
+
+    def flush(self) -> None:
+        for count, text, _, detail in self.seen.values():
+            log.warning("%d %s; the largest: %s", count, text, detail)
+        self.seen.clear()
+
+
 def _on_sigterm(signum, frame):  # let `finally` blocks remove temporary outputs
     raise SystemExit(128 + signum)
 
@@ -455,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    summaries = _Summaries(args.verbose)
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(summaries)
     t0 = time.perf_counter()
     try:
         _check_numbers(args)
@@ -481,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eora-gguf: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for h in handlers:
+            h.removeFilter(summaries)
+    summaries.flush()  # on success only: after an error its one line is all the user needs
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if args.json:
         result.pop("table", None)

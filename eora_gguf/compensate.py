@@ -275,6 +275,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         if peft_tmp is not None:
             adapter_io.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
     path = Path(out)
+    log.info("wrote %s (%d LoRA pairs, rank %d, %s)%s", path, len(solver.factors), rank, adapter_type,
+             f" and the PEFT folder {peft_dir}" if peft_dir is not None else "")
     total = time.perf_counter() - t_start
     report = Report(adapter=str(path), method=method, rank=rank, tensors=solver.tensors,
                     seconds={"calibrate_and_solve": round(t_cal, 2), "solve": round(solver.solve_seconds, 2),

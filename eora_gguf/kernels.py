@@ -194,6 +194,8 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
     squeeze = xs.ndim == 1
     if xs.ndim != 2 and not squeeze or xs.size == 0:
         raise NativeShapeError(f"x has shape {tuple(xs.shape)}, expected (n_tokens, {d_in})")
+    if xs.dtype.kind not in "fiu":  # complex would lose its imaginary part silently
+        raise NativeArgumentError(f"x has dtype {xs.dtype}: pass real numbers (float32 preferred)")
     try:
         xs = np.ascontiguousarray(xs.reshape(1, -1) if squeeze else xs, dtype=np.float32)
     except (TypeError, ValueError):

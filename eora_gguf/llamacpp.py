@@ -436,7 +436,10 @@ def _last_error_line(text: str) -> str:
     for rank, pattern in enumerate(_CAUSES):
         hits = [ln for ln in lines if pattern.search(ln)]
         if hits:
-            return (hits[-1] if rank == 1 else hits[0])[:400]  # the last exception of a traceback; the first cause
+            line = hits[-1] if rank == 1 else hits[0]  # the last exception of a traceback; the first cause
+            # a progress table without a newline can precede the message on its line: start at "<fn>: failed"
+            start = re.search(r"[\w.]+: (failed|error)\b[^|]*$", line)
+            return (line[start.start():] if start else line)[:400]
     return lines[-1][:400] if lines else "no output"
 
 
