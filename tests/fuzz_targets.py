@@ -372,4 +372,18 @@ def target_kernels(data: Any) -> None:
         pass
 
 
+def replay_regressions() -> None:
+    """Inputs that once made the sanitizer build fail; tools/fuzz.py replays them before fuzzing."""
+    from eora_gguf import _native
+
+    ffi, lib = _native.ffi_lib()
+    buf = np.zeros(16, np.uint8)
+    f = ffi.cast("float *", ffi.from_buffer(buf))
+    # lora.c: the "matrix has N bytes, M needed" message computed rows * k in int64 (signed overflow, UBSan)
+    status = lib.eora_lora_add(1, ffi.from_buffer(buf), 16, 494, 2**62, f, 16, 1, 1.0, 1, 0, 0, f, 16, ffi.NULL, 0, 0)
+    assert status == 4, status
+    status = lib.eora_lora_t(1, ffi.from_buffer(buf), 16, 3, 2**62, f, 16, 1, 1, 0, 0, f, 16, ffi.NULL, 0, 0)
+    assert status == 4, status
+
+
 TARGETS = ("gguf", "adapter", "native", "kernels")

@@ -94,3 +94,9 @@ def test_regression_adapter_pair_of_two_ranks(seeds, tmp_path):
     path.write_bytes(_patch_dims(seeds.adapter, "blk.0.attn_q.weight.lora_a", [128, 1]))
     with pytest.raises(EoraError, match="not a LoRA pair of one rank"):
         adapter_io.read_gguf_lora(path)
+
+
+@pytest.mark.skipif(not _native.available(), reason="eora_native library not built")
+def test_regression_replays():
+    """The native findings (tools/fuzz.py replays them under the sanitizers, where they would abort)."""
+    ft.replay_regressions()

@@ -96,6 +96,7 @@ def child(args: argparse.Namespace) -> int:
     import fuzz_targets as ft
 
     warnings.simplefilter("ignore")  # numpy's overflow/invalid warnings on random floats
+    ft.replay_regressions()  # earlier findings first: under the sanitizers they abort if they come back
     seeds = ft.Seeds()
     counts = {name: 0 for name in args.targets}
     spent = {name: 0.0 for name in args.targets}

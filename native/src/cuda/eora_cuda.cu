@@ -385,7 +385,8 @@ EORA_API eora_status eora_cuda_dequantize(int type, const void *src, size_t src_
     if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
     if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", NULL)) != EORA_OK) return s;
     if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %lld needed", fn, dst_bytes, (long long)n_elems * 4);
+        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
+                         (unsigned long long)n_elems * 4);
     if ((uintptr_t)src % 2 || (uintptr_t)dst % 4)
         return eora_fail(EORA_ERR_ARGUMENT, "%s: src must be 2-byte and dst 4-byte aligned", fn);
     cudaStream_t st = (cudaStream_t)stream;
@@ -498,7 +499,8 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
     int64_t need = 0;
     if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", &need)) != EORA_OK) return s;
     if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %lld needed", fn, dst_bytes, (long long)n_elems * 4);
+        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
+                         (unsigned long long)n_elems * 4);
     DeviceBuffers d;
     EORA_CU(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), fn);
     if ((s = upload(d, 0, src, (size_t)need, fn)) != EORA_OK) return s;
