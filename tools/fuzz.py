@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build(coverage: bool) -> Path:
     build_dir = ROOT / "build" / ("fuzz-asan-cov" if coverage else "fuzz-asan")
-    flags = ["-DEORA_SANITIZE=address,undefined", "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DEORA_CUDA=OFF"]
+    flags = ["-DEORA_SANITIZE=address,undefined", "-DCMAKE_BUILD_TYPE=Debug", "-DEORA_CUDA=OFF"]
     if coverage:
         flags += ["-DCMAKE_C_FLAGS=--coverage", "-DCMAKE_SHARED_LINKER_FLAGS=--coverage"]
     cmake = shutil.which("cmake") or "cmake"
