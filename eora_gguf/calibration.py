@@ -184,7 +184,8 @@ def check_model_folder(model_dir: str | os.PathLike[str], *, tokenizer: bool = T
     if not d.is_dir():
         raise EoraError(f"{d} is not a folder: point at a Hugging Face model folder (config.json, *.safetensors)")
     if not any(d.iterdir()):
-        raise EoraError(f"HF model folder {d} is empty: download or save the model into it")
+        raise EoraError(f"HF model folder {d} is empty (no config.json, no safetensors): download or save the model "
+                        "into it")
     cfg = _read_config_json(d)
     text = cfg.get("text_config", cfg)
     if not isinstance(text, dict) or not isinstance(cfg.get("model_type"), str):
