@@ -114,8 +114,8 @@ def check_same_model(hf_dir: str | os.PathLike[str], base: GGUFModel, names: Nam
             log.debug("%s: relative weight error of the first %d rows %.3f", gname, len(w), rel)
             if rel > MISMATCH_REL_ERR:
                 raise EoraError(f"{Path(base.path).name} is not a quantization of {hf_dir}: its {gname} differs "
-                                f"from the HF weight by {rel:.0%} (quantization gives a few %): pass the GGUF made from "
-                                "this model, or --allow-mismatch to compensate it anyway")
+                                f"from the HF weight by {rel:.0%} (quantization gives a few %): pass the GGUF made "
+                                "from this model, or --allow-mismatch to compensate it anyway")
             worst = max(worst, rel)
     return worst
 
@@ -126,7 +126,8 @@ def gguf_quants_dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
     try:
         return gguf.quants.dequantize(raw, qtype)
     except NotImplementedError:
-        raise EoraError(f"{qtype.name} cannot be dequantized by gguf-py: requantize the model with another type") from None
+        raise EoraError(f"{qtype.name} cannot be dequantized by gguf-py: requantize the model with another "
+                        "type") from None
 
 
 def calibration_ids(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int,
