@@ -105,6 +105,19 @@ def _check_hf(hf: str, *, tokenizer: bool = True) -> None:
         check_tokenizer_files(hf)
 
 
+def _output_sizes(hf: str, rank: int = 0) -> tuple[int, int, int]:
+    """Expected bytes of (calibration statistics, GGUF adapter at F16 / F32, PEFT folder) for this model."""
+    from .compensate import load_config
+    from .naming import LINEAR_MODULES, NameMap
+
+    dims = NameMap.from_config(load_config(hf)).dims
+    shapes = [dims.linear_shape(m) for m in LINEAR_MODULES]
+    # one covariance (float64) per input site: q/k/v share one, gate/up share one
+    stats = 8 * dims.n_layers * (2 * dims.hidden ** 2 + (dims.n_head * dims.head_dim) ** 2 + dims.ffn ** 2)
+    factors = dims.n_layers * sum(rank * (d_out + d_in) for d_out, d_in in shapes)
+    return stats, 4 * factors, 4 * factors
+
+
 def _check_gguf_inputs(model: str, loras: Sequence[str] = ()) -> None:
     """Open the model GGUF and check each adapter against it with our reader: one line naming the file."""
     from .adapter import check_gguf_lora
@@ -188,8 +201,8 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     from . import compensate
     from .errors import check_output
 
-    check_output(args.output, inputs=[args.hf])
     _check_hf(args.hf)
+    check_output(args.output, inputs=[args.hf], need_bytes=_output_sizes(args.hf)[0])
     _check_memory(args.hf, args.samples, args.seqlen)
     stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
     stats.save(args.output, inputs=(args.hf,))
@@ -206,6 +219,9 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
     if args.peft:
         check_output(args.peft, inputs=[*inputs, args.output], what="--peft", folder=True, folder_may_hold=PEFT_FILES)
     _check_hf(args.hf, tokenizer=not args.stats)
+    if args.rank >= 1:
+        _, adapter_bytes, peft_bytes = _output_sizes(args.hf, args.rank)
+        check_output(args.output, inputs=inputs, need_bytes=adapter_bytes + (peft_bytes if args.peft else 0))
     if not args.stats:
         _check_memory(args.hf, args.samples, args.seqlen)
     report = compensate.compensate(

@@ -49,13 +49,13 @@ def _os_reason(exc: OSError) -> str:
 
 
 def check_output(path: PathLike, *, inputs: Iterable[PathLike | None] = (), what: str = "output",
-                 folder: bool = False, folder_may_hold: Iterable[str] = ()) -> Path:
+                 folder: bool = False, folder_may_hold: Iterable[str] = (), need_bytes: int = 0) -> Path:
     """Refuse (EoraError) an output path that would destroy something or cannot be written; return the path
     to write (symlinks resolved).
 
     inputs: the command's input files and folders. folder: the output is a folder of ours; an existing one is
     replaced only when it holds nothing but `folder_may_hold` names (so a re-run replaces its own result but never
-    a user's folder).
+    a user's folder). need_bytes: the output's expected size; refused when its file system has less free space.
     """
     given = Path(path)
     if str(path) == "" or given.name in ("", ".", ".."):
@@ -106,7 +106,22 @@ def check_output(path: PathLike, *, inputs: Iterable[PathLike | None] = (), what
         raise EoraError(f"cannot write {given}: {given.parent} is not a directory")
     _probe(parent, given, what)
     _clean_stale(parent, dest.name)
+    if need_bytes > 0:
+        check_free_space(parent, need_bytes, f"{what} {given}")
     return dest
+
+
+def check_free_space(folder: PathLike, need_bytes: int, what: str) -> None:
+    """Refuse before the work an output that cannot fit on its file system (a full disk found at the end wastes
+    the whole computation)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < need_bytes:
+        raise EoraError(f"cannot write {what}: it needs about {need_bytes / 2**20:.1f} MiB and {folder} has "
+                        f"{free / 2**20:.1f} MiB free: free space or choose another path")
 
 
 def check_writable(path: PathLike) -> Path:

@@ -142,6 +142,25 @@ def test_full_disk_is_one_line_and_leaves_nothing(m, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("verb", ["calibrate", "compensate"])
+def test_too_little_free_space_is_refused_before_work(m, tmp_path, capsys, monkeypatch, no_calibration, verb):
+    """The file system reports 1 MiB free (os.statvfs): the stats (~6 MiB) or the adapter (F32 upper bound
+    ~2 MiB at rank 64 with its PEFT copy) cannot fit, so the command stops before calibrating."""
+    real = os.statvfs
+
+    class Small:
+        def __init__(self, st):
+            self.f_frsize, self.f_bavail = st.f_frsize, (1 << 20) // st.f_frsize
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Small(real(p)))
+    if verb == "calibrate":
+        argv = ["calibrate", "--hf", m["hf"], "--calib", m["calib"], "-o", tmp_path / "s.safetensors"]
+    else:
+        argv = comp_argv(m, tmp_path / "a.gguf", "--peft", tmp_path / "peft")
+        argv[argv.index("--rank") + 1] = "64"
+    refused(capsys, argv, "MiB free")
+
+
 def test_eval_output_checked_before_the_evaluation(m, tmp_path, capsys, monkeypatch):
     from eora_gguf import evaluate
 
