@@ -17,7 +17,11 @@ FUZZ = settings(max_examples=150, deadline=None, database=None,
 
 @pytest.fixture(scope="module")
 def seeds():
-    return ft.Seeds()
+    import shutil
+
+    made = ft.Seeds()
+    yield made
+    shutil.rmtree(made.dir, ignore_errors=True)
 
 
 def test_fuzz_gguf_reader(seeds):
