@@ -112,6 +112,7 @@ def child(args: argparse.Namespace) -> int:
             spent[name] += time.monotonic() - t0
             if time.monotonic() >= deadline:
                 break
+    shutil.rmtree(seeds.dir, ignore_errors=True)
     print(json.dumps({"targets": {n: {"executions": counts[n], "seconds": round(spent[n], 1),
                                       "exec_per_s": round(counts[n] / max(spent[n], 1e-9), 1)}
                                   for n in args.targets}}))
