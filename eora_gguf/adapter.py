@@ -42,6 +42,8 @@ F16_MAX = float(np.finfo(np.float16).max)
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # tensor data offsets and sizes are padded to this in the file
 
 Factors = Mapping[str, tuple[Any, Any]]
+# What write_peft puts in its folder: an existing folder holding only these is ours to replace.
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,10 @@ def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    log.info("wrote %s: %d LoRA pairs, alpha %g, %s", path, len(pairs), alpha,
-             dtype if isinstance(dtype, str) else dict(Counter(types.values())))
+    # a staged temporary (errors.staged_outputs) is announced by its caller under its final name
+    (log.debug if path.name.endswith(".partial") else log.info)(
+        "wrote %s: %d LoRA pairs, alpha %g, %s", path, len(pairs), alpha,
+        dtype if isinstance(dtype, str) else dict(Counter(types.values())))
     return path
 
 
@@ -255,6 +259,10 @@ def _pairs(model: GGUFModel) -> tuple[LoraInfo, dict[str, tuple[str, str]]]:
             if model.tensor(t).qtype not in READABLE_TYPES:
                 raise EoraError(f"{name}: {t} is {model.tensor(t).qtype.name}; expected one of "
                                 f"{', '.join(sorted(q.name for q in READABLE_TYPES))}")
+        a_ne, b_ne = model.tensor(ta).ne, model.tensor(tb).ne
+        if len(a_ne) != 2 or len(b_ne) != 2 or a_ne[1] != b_ne[0]:
+            raise EoraError(f"{name}: {ta} ne {list(a_ne)} and {tb} ne {list(b_ne)} are not a LoRA pair of one "
+                            "rank: the adapter is corrupt, write it again")
         pairs[base_name] = (ta, tb)
         info.ranks[base_name] = model.tensor(tb).ne[0]
         info.types[base_name] = (model.tensor(ta).qtype.name, model.tensor(tb).qtype.name)
@@ -350,9 +358,13 @@ def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap
         "modules_to_save": None,
     }
     with atomic_output(out / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise EoraError(f"cannot write {out / 'adapter_model.safetensors'}: {str(exc).splitlines()[0]}") from None
     with atomic_output(out / "adapter_config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
-    log.info("wrote PEFT adapter %s: %d modules, r %d%s", out, len(ranks), r,
+    (log.debug if out.name.endswith(".partial") else log.info)("wrote PEFT adapter %s: %d modules, r %d%s", out,
+                                                                len(ranks), r,
              f" ({len(pattern)} with other ranks)" if pattern else "")
     return out

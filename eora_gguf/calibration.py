@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,8 +90,10 @@ class CalibrationStats:
         self.n_tokens.update(other.n_tokens)
         self.module_sites.update(other.module_sites)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as safetensors (one float64 tensor per site; the rest as JSON metadata), atomically."""
+    def save(self, path: str | os.PathLike[str], *, inputs: tuple[str | os.PathLike[str], ...] = ()) -> None:
+        """Write as safetensors (one float64 tensor per site; the rest as JSON metadata), atomically.
+
+        inputs: files and folders `path` must not be, nor lie in (the model's folder)."""
         from safetensors.torch import save_file
 
         tensors = {site: cov.contiguous() for site, cov in self.covariances.items()}
@@ -99,8 +102,11 @@ class CalibrationStats:
             "n_tokens": json.dumps(self.n_tokens), "module_sites": json.dumps(self.module_sites),
             "meta": json.dumps(self.meta),
         }
-        with atomic_output(path, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        with atomic_output(path, suffix=".safetensors", inputs=inputs) as tmp:
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as exc:  # safetensors reports a full disk as its own error type
+                raise EoraError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationStats:
@@ -147,8 +153,97 @@ def _read_config_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise EoraError(f"{model_dir} has no config.json: point --hf at a Hugging Face model directory")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except UnicodeDecodeError:
+        raise EoraError(f"{path} is not UTF-8 text: restore the model's config.json") from None
+    except json.JSONDecodeError as exc:
+        raise EoraError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                        "restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise EoraError(f"{path} holds a JSON {type(cfg).__name__}, not an object: restore the model's config.json")
+    return cfg
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_folder(model_dir: str | os.PathLike[str], *, tokenizer: bool = True) -> dict[str, Any]:
+    """Refuse (EoraError, naming the file and the fix) an HF model folder we cannot use; return its config.
+
+    Checks: the folder exists and is not empty; config.json is a JSON object with a model_type; the safetensors
+    checkpoint exists, every file is complete and lists every shard; the sizes in config.json agree with the
+    weights (vocabulary, hidden size, layers, MLP width); with `tokenizer`, that tokenizer files are there.
+    """
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    if not d.exists():
+        raise EoraError(f"HF model folder {d} does not exist")
+    if not d.is_dir():
+        raise EoraError(f"{d} is not a folder: point at a Hugging Face model folder (config.json, *.safetensors)")
+    if not any(d.iterdir()):
+        raise EoraError(f"HF model folder {d} is empty (no config.json, no safetensors): download or save the model "
+                        "into it")
+    cfg = _read_config_json(d)
+    text = cfg.get("text_config", cfg)
+    if not isinstance(text, dict) or not isinstance(cfg.get("model_type"), str):
+        raise EoraError(f"{d / 'config.json'} has no model_type: it is not a transformers config, restore it")
+    files = tensor_files(d)
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(set(files.values())):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():
+                    shapes[name] = list(fh.get_slice(name).get_shape())
+        except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+            raise EoraError(f"{path} cannot be read ({str(exc).splitlines()[0]}): it is truncated or not a "
+                            "safetensors file, download the model again") from None
+    missing = [n for n in files if n not in shapes]
+    if missing:
+        raise EoraError(f"{d}: the index lists {missing[0]} but no shard holds it: download the model again")
+    _check_sizes(d, text, shapes)
+    if tokenizer:
+        check_tokenizer_files(d)
+    return cfg
+
+
+def check_tokenizer_files(model_dir: str | os.PathLike[str]) -> None:
+    d = Path(model_dir)
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise EoraError(f"{d} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the model's tokenizer files "
+                        "into it")
+
+
+def _check_sizes(d: Path, text: dict[str, Any], shapes: dict[str, list[int]]) -> None:
+    """config.json's sizes against the checkpoint's tensor shapes (the first mismatch is an EoraError)."""
+    def want(key: str) -> int | None:
+        v = text.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def found(suffix: str) -> list[int] | None:
+        return next((s for n, s in shapes.items() if n.endswith(suffix)), None)
+
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads"):
+        if key in text and (want(key) is None or want(key) <= 0):
+            raise EoraError(f"{d / 'config.json'}: {key} is {text[key]!r}, not a positive integer: restore it")
+    layers = {int(m) for n in shapes for m in re.findall(r"\.layers\.(\d+)\.", n)}
+    checks = []
+    emb = found("embed_tokens.weight")
+    if emb and len(emb) == 2:
+        checks += [("vocab_size", emb[0], "embed_tokens rows"), ("hidden_size", emb[1], "embed_tokens width")]
+    gate = found("layers.0.mlp.gate_proj.weight") or found("layers.0.mlp.up_proj.weight")
+    if gate and len(gate) == 2:
+        checks += [("intermediate_size", gate[0], "the MLP width"), ("hidden_size", gate[1], "the MLP input")]
+    if layers:
+        checks.append(("num_hidden_layers", max(layers) + 1, "decoder layers"))
+    if not shapes:
+        raise EoraError(f"{d}: the safetensors checkpoint holds no tensors: download the model again")
+    for key, got, what in checks:
+        if want(key) is not None and want(key) != got:
+            raise EoraError(f"{d / 'config.json'} says {key} = {want(key)} but the weights have {got} ({what}): "
+                            "config.json and the weights are from different models, restore the right config.json")
 
 
 def tensor_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -158,8 +253,13 @@ def tensor_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        with open(index, encoding="utf-8") as fh:
-            weight_map = json.load(fh).get("weight_map", {})
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
+        except (ValueError, AttributeError) as exc:
+            raise EoraError(f"{index} is not a valid index ({exc}): download the model again") from None
         files = {name: model_dir / fname for name, fname in weight_map.items()}
         for f in set(files.values()):
             if not f.is_file():
@@ -167,8 +267,12 @@ def tensor_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
         return files
     single = model_dir / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), framework="pt") as fh:
-            return {name: single for name in fh.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as fh:
+                return {name: single for name in fh.keys()}
+        except Exception as exc:  # truncated or not safetensors
+            raise EoraError(f"{single} cannot be read ({str(exc).splitlines()[0]}): it is truncated or not a "
+                            "safetensors file, download the model again") from None
     raise EoraError(f"{model_dir} has no model.safetensors(.index.json): only safetensors checkpoints are read")
 
 
@@ -243,8 +347,9 @@ class StreamedModel:
         self.files = tensor_files(self.model_dir)
         try:
             config = AutoConfig.from_pretrained(self.model_dir)
-        except (ValueError, KeyError) as exc:
-            raise EoraError(f"transformers cannot read {self.model_dir}/config.json: {exc}") from None
+        except Exception as exc:  # ValueError, KeyError, OSError, ... for configs transformers cannot use
+            raise EoraError(f"transformers cannot read {self.model_dir}/config.json: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         # Buffers stay real so rotary inverse frequencies and embedding scales are computed on the CPU.
         with init_empty_weights(include_buffers=False):

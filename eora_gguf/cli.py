@@ -6,9 +6,12 @@ User errors (EoraError) print one line and exit 2; nothing partial is left behin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -28,17 +31,120 @@ Verb = Callable[[argparse.Namespace], dict]
 
 
 # --------------------------------------------------------------------------------------------------------------
+# argument checks: everything a verb can check is checked before its work starts
+
+# option -> (smallest, largest) accepted value; None values (option not given) are not checked
+_LIMITS = {"ctx": (16, 1 << 20), "chunks": (0, 1 << 24), "threads": (1, 1024), "samples": (1, 1 << 24),
+           "seqlen": (2, 1 << 20), "rows": (1, 1 << 24), "limit": (1, 1 << 31), "max_new": (1, 1 << 16)}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, (lo, hi) in _LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None and not lo <= value <= hi:
+            raise EoraError(f"--{name.replace('_', '-')} must lie in [{lo}, {hi}], got {value}")
+    floor = getattr(args, "eig_floor", None)
+    if floor is not None and not (math.isfinite(floor) and 0.0 <= floor < 1.0):
+        raise EoraError(f"--eig-floor must lie in [0, 1), got {floor}")
+
+
+def _check_text(spec: str | None, what: str) -> None:
+    """A user's text file must be non-empty UTF-8 (llama-perplexity aborts on other bytes)."""
+    if spec is None or spec in ("eval", "demo") and not Path(spec).is_file():
+        return
+    p = Path(spec)
+    if not p.is_file():
+        raise EoraError(f"{what} {spec} does not exist (built-in names: eval, demo)")
+    data = p.read_bytes()
+    if not data.strip():
+        raise EoraError(f"{what} {spec} is empty: give a text of at least --ctx tokens")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EoraError(f"{what} {spec} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                        "convert it, e.g. `iconv -t UTF-8`") from None
+
+
+def _check_memory(hf: str | os.PathLike[str] | None, samples: int, seqlen: int) -> None:
+    """Refuse a calibration whose activations cannot fit in memory (instead of failing after the model load)."""
+    from .calibration import _read_config_json
+
+    if hf is None or not Path(hf).is_dir():
+        return
+    cfg = _read_config_json(Path(hf))
+    hidden = cfg.get("text_config", cfg).get("hidden_size") if isinstance(cfg.get("text_config", cfg), dict) else None
+    if not isinstance(hidden, int) or hidden <= 0:
+        return
+    need = 4 * samples * seqlen * hidden * 4  # float32 activations of all samples: input, output, two buffers
+    avail = _available_memory()
+    if avail and need > avail:
+        raise EoraError(f"--samples {samples} x --seqlen {seqlen} needs about {need / 2**30:.1f} GiB for the "
+                        f"activations, {avail / 2**30:.1f} GiB is available: lower --samples or --seqlen")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_hf(hf: str, *, tokenizer: bool = True) -> None:
+    """The HF folder's files, then that we support its architecture, then its tokenizer: one line each."""
+    from .calibration import check_model_folder, check_tokenizer_files
+    from .compensate import load_config
+    from .naming import NameMap
+
+    check_model_folder(hf, tokenizer=False)
+    NameMap.from_config(load_config(hf))
+    if tokenizer:
+        check_tokenizer_files(hf)
+
+
+def _output_sizes(hf: str, rank: int = 0) -> tuple[int, int, int]:
+    """Expected bytes of (calibration statistics, GGUF adapter at F16 / F32, PEFT folder) for this model."""
+    from .compensate import load_config
+    from .naming import LINEAR_MODULES, NameMap
+
+    dims = NameMap.from_config(load_config(hf)).dims
+    shapes = [dims.linear_shape(m) for m in LINEAR_MODULES]
+    # one covariance (float64) per input site: q/k/v share one, gate/up share one
+    stats = 8 * dims.n_layers * (2 * dims.hidden ** 2 + (dims.n_head * dims.head_dim) ** 2 + dims.ffn ** 2)
+    factors = dims.n_layers * sum(rank * (d_out + d_in) for d_out, d_in in shapes)
+    return stats, 4 * factors, 4 * factors
+
+
+def _check_gguf_inputs(model: str, loras: Sequence[str] = ()) -> None:
+    """Open the model GGUF and check each adapter against it with our reader: one line naming the file."""
+    from .adapter import check_gguf_lora
+    from .gguf_io import open_gguf
+
+    with open_gguf(model) as base:
+        for lora in loras:
+            check_gguf_lora(lora, base, require_unit_scale=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # verbs
 
 
 def cmd_setup_llama_cpp(args: argparse.Namespace) -> dict:
     from . import llamacpp
+    from .cache import locked
 
     if args.patched:  # the fused-LoRA build (native/llama.cpp/), beside the stock one
-        llama = (llamacpp.build_patched(progress=not args.json) if args.rebuild
-                 else llamacpp.locate(patched=True, progress=not args.json))
+        if args.rebuild:
+            with locked(llamacpp.patched_root().name):  # the lock locate_patched takes: no overlapping builds
+                llama = llamacpp.build_patched(progress=not args.json)
+        else:
+            llama = llamacpp.locate(patched=True, progress=not args.json)
     elif args.rebuild and not os.environ.get("LLAMA_CPP_DIR"):
-        llama = llamacpp.build_pinned(progress=not args.json)
+        with locked(f"llama.cpp-{llamacpp.COMMIT}"):  # the lock locate() takes before building
+            llama = llamacpp.build_pinned(progress=not args.json)
     else:
         llama = llamacpp.locate(progress=not args.json)
     return {"bin_dir": str(llama.bin_dir), "source_dir": str(llama.source_dir), "origin": llama.origin,
@@ -55,6 +161,11 @@ def cmd_fetch_demo(args: argparse.Namespace) -> dict:
 def cmd_convert(args: argparse.Namespace) -> dict:
     from . import llamacpp
 
+    from .calibration import check_model_folder
+    from .errors import check_output
+
+    check_output(args.output, inputs=[args.hf_dir])
+    check_model_folder(args.hf_dir)
     llama = llamacpp.locate(progress=not args.json)
     out = llamacpp.convert(llama, args.hf_dir, args.output, outtype=args.outtype, verbose=args.verbose)
     return {"output": str(out), "bytes": out.stat().st_size}
@@ -63,6 +174,10 @@ def cmd_convert(args: argparse.Namespace) -> dict:
 def cmd_quantize(args: argparse.Namespace) -> dict:
     from . import llamacpp
 
+    from .errors import check_output
+
+    check_output(args.output, inputs=[args.input, args.imatrix])
+    llamacpp.require_gguf(args.input)
     llama = llamacpp.locate(progress=not args.json)
     out = llamacpp.quantize(llama, args.input, args.output, args.type, imatrix=args.imatrix,
                             threads=args.threads, verbose=args.verbose)
@@ -72,6 +187,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 def cmd_perplexity(args: argparse.Namespace) -> dict:
     from . import assets, llama_eval, llamacpp
 
+    _check_text(args.text, "--text")
+    _check_gguf_inputs(args.model, args.lora or ())
     llama = llamacpp.locate(progress=not args.json)
     text = assets.text_file(args.text)
     res = llama_eval.text_eval(llama, args.model, text=text, lora=args.lora or (), ctx=args.ctx, chunks=args.chunks,
@@ -83,13 +200,15 @@ def cmd_perplexity(args: argparse.Namespace) -> dict:
 
 def cmd_calibrate(args: argparse.Namespace) -> dict:
     from . import compensate
-    from .errors import check_writable
+    from .errors import check_output
 
-    check_writable(args.output)
+    _check_hf(args.hf)
+    check_output(args.output, inputs=[args.hf], need_bytes=_output_sizes(args.hf)[0])
     if args.imatrix:
-        check_writable(args.imatrix)
+        check_output(args.imatrix, inputs=[args.hf, args.output])
+    _check_memory(args.hf, args.samples, args.seqlen)
     stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
-    stats.save(args.output)
+    stats.save(args.output, inputs=(args.hf,))
     out = {"output": args.output, "tokens": stats.meta.get("tokens"), "sites": len(stats.covariances)}
     if args.imatrix:
         out["imatrix"] = _write_imatrix(args.hf, stats, args.imatrix)
@@ -108,30 +227,47 @@ def _write_imatrix(hf: str, stats, path: str) -> dict:
 def cmd_imatrix(args: argparse.Namespace) -> dict:
     from . import compensate
     from .calibration import CalibrationStats
-    from .errors import check_writable
+    from .errors import check_output
 
-    check_writable(args.output)
+    check_output(args.output, inputs=[args.hf, args.stats])
+    _check_hf(args.hf, tokenizer=not args.stats)
     if args.stats:
         stats = CalibrationStats.load(args.stats)
         stats.check_model(args.hf)
     else:
+        _check_memory(args.hf, args.samples, args.seqlen)
         stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
     return _write_imatrix(args.hf, stats, args.output)
 
 
 def cmd_compensate(args: argparse.Namespace) -> dict:
     from . import compensate
+    from .adapter import PEFT_FILES
+    from .errors import check_output
 
     adapter_type = args.adapter_type or ("auto" if args.budget else "f16")
     if args.rank is None and args.budget is None:
         raise EoraError("give --rank R (every tensor) or --budget SPEC (ranks chosen per tensor)")
     if args.budget is None and (args.solution or args.no_importance):
         raise EoraError("--solution and --no-importance go with --budget")
+    inputs = [args.hf, args.gguf, args.stats]
+    check_output(args.output, inputs=inputs)
+    if args.peft:
+        check_output(args.peft, inputs=[*inputs, args.output], what="--peft", folder=True, folder_may_hold=PEFT_FILES)
+    if args.solution:
+        check_output(args.solution, inputs=[*inputs, args.output])
+    _check_hf(args.hf, tokenizer=not args.stats)
+    if args.rank is not None and args.rank >= 1:
+        _, adapter_bytes, peft_bytes = _output_sizes(args.hf, args.rank)
+        check_output(args.output, inputs=inputs, need_bytes=adapter_bytes + (peft_bytes if args.peft else 0))
+    if not args.stats:
+        _check_memory(args.hf, args.samples, args.seqlen)
     report = compensate.compensate(
         args.hf, args.gguf, args.output, rank=args.rank, method=args.method,
         calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
         propagate=args.propagate, adapter_type=adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor,
-        budget=args.budget, solution_out=args.solution, importance_weights=not args.no_importance)
+        budget=args.budget, solution_out=args.solution, importance_weights=not args.no_importance,
+        allow_mismatch=args.allow_mismatch)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -140,7 +276,9 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
 
 def cmd_adapt(args: argparse.Namespace) -> dict:
     from . import compensate
+    from .errors import check_output
 
+    check_output(args.output, inputs=[args.gguf, args.solution])
     report = compensate.adapt(args.solution, args.gguf, args.output, args.budget, adapter_type=args.adapter_type,
                               peft_dir=args.peft, hf_dir=args.hf)
     out = report.as_dict()
@@ -152,6 +290,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
 def cmd_validate(args: argparse.Namespace) -> dict:
     from .validate import validate
 
+    _check_hf(args.hf)
+    _check_memory(args.hf, args.samples, args.seqlen)
     res = validate(args.hf, args.gguf, args.lora, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
                    max_rows=args.rows, threads=args.threads)
     out = {"summary": res["summary"]}
@@ -168,6 +308,13 @@ def cmd_validate(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> dict:
     from .pipeline import run_all
 
+    _check_text(args.text, "--text")
+    if args.hf_dir:
+        _check_hf(args.hf_dir)
+        _check_memory(args.hf_dir, args.samples, args.seqlen)
+    work = Path(args.workdir)
+    if work.exists() and not work.is_dir():
+        raise EoraError(f"--workdir {work} is a file: give a folder")
     return run_all(args)
 
 
@@ -176,8 +323,14 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from .evaluate import evaluate, format_result
     from .tasks import parse_tasks
 
+    from .errors import check_output
+
     task_names = parse_tasks(args.tasks) if args.tasks else []
     ppl = args.ppl if args.ppl or task_names else "eval"
+    if args.output:  # before the evaluation, not after it
+        check_output(args.output, inputs=[args.model, *(args.lora or [])])
+    _check_text(args.ppl, "--ppl")
+    _check_gguf_inputs(args.model, args.lora or ())
     llama = llamacpp.locate(progress=not args.json)
     if args.reference and not ppl:
         raise EoraError("--reference measures KL divergence over the --ppl text: give --ppl too")
@@ -188,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     if args.output:
         from .errors import atomic_output
 
-        with atomic_output(args.output) as tmp:
+        with atomic_output(args.output, inputs=[args.model, *(args.lora or [])]) as tmp:
             tmp.write_text(json.dumps(res, indent=1))
     if not args.json:
         return {"table": format_result(res)}
@@ -221,8 +374,15 @@ def cmd_ladder(args: argparse.Namespace) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
+    from .errors import check_output
     from .report import load_sweep, write_report
 
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise EoraError(f"-o {out} is a file: `report` writes a folder (report.md, report.json, pareto.png)")
+    if out.is_dir():
+        for name in ("report.md", "report.json", "pareto.png"):
+            check_output(out / name, inputs=[args.sweep])
     return write_report(load_sweep(args.sweep), args.output, title=args.title)
 
 
@@ -317,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (HF row order)")
     sp.add_argument("--eig-floor", type=float, default=1e-6,
                     help="covariance eigenvalues below this x the largest are lifted (ridge); default 1e-6")
+    sp.add_argument("--allow-mismatch", action="store_true",
+                    help="compensate a GGUF whose weights differ from the HF model's by more than quantization does "
+                         "(refused by default: it is most likely another model's GGUF)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
     sp = verb("adapt", cmd_adapt, "write the adapter a byte budget buys from a saved solve (compensate --budget "
@@ -433,6 +596,32 @@ def _print_human(result: dict) -> None:
         print(table)
 
 
+class _Summaries(logging.Filter):
+    """Repeated warnings (records with `extra={"summary": (key, text, severity, detail)}`) become one line each:
+    how many, and the worst one. The single records pass only with --verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+        self.seen: dict[str, list] = {}  # key -> [count, text, worst severity, its detail]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        summary = getattr(record, "summary", None)
+        if summary is None:
+            return True
+        key, text, severity, detail = summary
+        entry = self.seen.setdefault(key, [0, text, float("-inf"), detail])
+        entry[0] += 1
+        if severity > entry[2]:
+            entry[2:] = [severity, detail]
+        return self.verbose
+
+    def flush(self) -> None:
+        for count, text, _, detail in self.seen.values():
+            log.warning("%d %s; the largest: %s", count, text, detail)
+        self.seen.clear()
+
+
 def _on_sigterm(signum, frame):  # let `finally` blocks remove temporary outputs
     raise SystemExit(128 + signum)
 
@@ -445,15 +634,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # gguf-py narrates every file it writes at INFO
         logging.getLogger("gguf").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    summaries = _Summaries(args.verbose)
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(summaries)
     t0 = time.perf_counter()
     try:
+        _check_numbers(args)
         result = args.fn(args)
     except EoraError as e:
         print(f"eora-gguf: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("eora-gguf: error: out of memory: lower --samples/--seqlen (or the model size) or free memory",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+        if not re.search(r"can't allocate memory|out of memory|DefaultCPUAllocator", str(e)):
+            raise
+        print(f"eora-gguf: error: out of memory ({str(e).splitlines()[0][:200]}): lower --samples/--seqlen or "
+              "free memory", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG):
+            raise
+        print(f"eora-gguf: error: {e.strerror}{f': {e.filename}' if e.filename else ''}: free space or choose "
+              "another output path", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("eora-gguf: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for h in handlers:
+            h.removeFilter(summaries)
+    summaries.flush()  # on success only: after an error its one line is all the user needs
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if args.json:
         result.pop("table", None)

@@ -20,7 +20,7 @@ import torch
 from . import adapter as adapter_io
 from . import budget as budget_mod
 from . import calib_data, calibration, eora, importance
-from .errors import EoraError, check_writable
+from .errors import EoraError, check_writable, staged_outputs
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
 
@@ -51,7 +51,11 @@ def load_config(hf_dir: str | os.PathLike[str]):
     hf = Path(hf_dir)
     if not (hf / "config.json").is_file():
         raise EoraError(f"{hf} is not a Hugging Face model folder (no config.json)")
-    return AutoConfig.from_pretrained(hf)
+    calibration._read_config_json(hf)  # one-line errors for a broken file
+    try:
+        return AutoConfig.from_pretrained(hf)
+    except Exception as exc:  # transformers raises ValueError, KeyError, OSError, ... for configs it cannot use
+        raise EoraError(f"transformers cannot use {hf / 'config.json'}: {str(exc).splitlines()[0][:300]}") from None
 
 
 def load_tokenizer(hf_dir: str | os.PathLike[str]):
@@ -64,13 +68,67 @@ def load_tokenizer(hf_dir: str | os.PathLike[str]):
 
 
 def check_rank(names: NameMap, rank: int) -> None:
+    """Refuse a rank that some adapted weight cannot take; the message names the largest rank every one takes."""
     if rank < 1:
         raise EoraError(f"--rank must be a positive integer, got {rank}")
-    for module in LINEAR_MODULES:
+    limit, module = min((min(names.dims.linear_shape(m)), m) for m in LINEAR_MODULES)
+    if rank > limit:
         d_out, d_in = names.dims.linear_shape(module)
-        if rank > min(d_out, d_in):
-            raise EoraError(f"--rank {rank} exceeds min(d_in, d_out) = {min(d_out, d_in)} of {module} "
-                            f"({d_out}x{d_in}): choose a rank of at most {min(d_out, d_in)}")
+        raise EoraError(f"--rank {rank} exceeds min(d_in, d_out) = {limit} of {module} ({d_out}x{d_in}), the "
+                        f"smallest adapted weight: choose a rank of at most {limit}")
+
+
+# Relative Frobenius error ‖W - Wq‖ / ‖W‖ above which a GGUF is not a quantization of the HF model: even 2-bit
+# types stay far below it (Q2_K ~ 0.3 on random weights), while two different models of one shape give ~ 1.4.
+MISMATCH_REL_ERR = 1.0
+
+
+def check_same_model(hf_dir: str | os.PathLike[str], base: GGUFModel, names: NameMap, *, rows: int = 16) -> float:
+    """Refuse (EoraError) a GGUF that is not a quantization of the HF model, by measuring it: the relative error of
+    the first `rows` dequantized rows of a few weights against the HF weights. NaN/Inf in either is refused too.
+    Returns the largest relative error seen.
+    """
+    from safetensors import safe_open
+
+    files = calibration.tensor_files(hf_dir)
+    n_layers = names.dims.n_layers
+    worst = 0.0
+    # modules whose rows are not permuted between HF and GGUF, in the first and the last layer
+    for bid in sorted({0, n_layers - 1}):
+        for module in ("self_attn.v_proj", "mlp.down_proj"):
+            hf_name = f"model.layers.{bid}.{module}"
+            key, gname = f"{hf_name}.weight", names.to_gguf(hf_name)
+            if key not in files or gname not in base:
+                continue
+            with safe_open(str(files[key]), framework="pt") as fh:
+                w = fh.get_slice(key)[:rows].to(torch.float64).numpy()
+            info = base.tensor(gname)
+            raw = base.raw(gname)[: len(w)]
+            wq = np.asarray(gguf_quants_dequantize(raw, info.qtype), dtype=np.float64).reshape(len(w), -1)
+            if not (np.isfinite(w).all() and np.isfinite(wq).all()):
+                where = "the HF weights" if not np.isfinite(w).all() else Path(base.path).name
+                raise EoraError(f"{gname}: NaN/Inf in {where}: the model file is broken, convert or download it again")
+            if wq.shape != w.shape:
+                raise EoraError(f"{Path(base.path).name}: {gname} has rows of {wq.shape[1]}, the HF weight "
+                                f"{w.shape[1]}: pass the GGUF of this same model")
+            rel = float(np.linalg.norm(w - wq) / max(np.linalg.norm(w), 1e-30))
+            log.debug("%s: relative weight error of the first %d rows %.3f", gname, len(w), rel)
+            if rel > MISMATCH_REL_ERR:
+                raise EoraError(f"{Path(base.path).name} is not a quantization of {hf_dir}: its {gname} differs "
+                                f"from the HF weight by {rel:.0%} (quantization gives a few %): pass the GGUF made "
+                                "from this model, or --allow-mismatch to compensate it anyway")
+            worst = max(worst, rel)
+    return worst
+
+
+def gguf_quants_dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(raw, qtype)
+    except NotImplementedError:
+        raise EoraError(f"{qtype.name} cannot be dequantized by gguf-py: requantize the model with another "
+                        "type") from None
 
 
 def calibration_ids(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int,
@@ -153,7 +211,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
                batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None,
                tokenizer=None, budget: budget_mod.Budget | str | None = None,
-               solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True) -> Report:
+               solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True,
+               allow_mismatch: bool = False) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -168,6 +227,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     importance_weights is False), and per-tensor ranks and types chosen to fit (`adapter_type` "auto" chooses
     among budget.AUTO_TYPES; the default with a budget, F16 without); solution_out keeps that solve for `adapt` with
     other budgets.
+    allow_mismatch: skip `check_same_model` (a GGUF whose weights are far from the HF model's).
     """
     if adapter_type is None:
         adapter_type = "f16" if budget is None and solution_out is None else "auto"
@@ -177,7 +237,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         return _compensate_rank(hf_dir, gguf_path, out, rank=rank, method=method, calib=calib, stats=stats,
                                 samples=samples, seqlen=seqlen, propagate=propagate, adapter_type=adapter_type,
                                 peft_dir=peft_dir, eig_floor=eig_floor, batch_size=batch_size, also=also,
-                                tokenizer=tokenizer)
+                                tokenizer=tokenizer, allow_mismatch=allow_mismatch)
     if also:
         raise EoraError("--budget chooses the ranks itself: extra ranks (also) do not apply")
     spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
@@ -187,6 +247,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         check_writable(solution_out)
     t0 = time.perf_counter()
     sol = solve(hf_dir, gguf_path, max_rank=rank or budget_mod.MAX_RANK, method=method, calib=calib, stats=stats,
+                allow_mismatch=allow_mismatch,
                 samples=samples, seqlen=seqlen, adapter_types=dtypes, eig_floor=eig_floor, batch_size=batch_size,
                 tokenizer=tokenizer, importance_weights=importance_weights)
     if solution_out is not None:
@@ -212,7 +273,7 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
           stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None, samples: int = 64,
           seqlen: int = 512, adapter_types: tuple[str, ...] = budget_mod.AUTO_TYPES, eig_floor: float = 1e-6,
           batch_size: int = 8, tokenizer=None, importance_weights: bool = True, importance_samples: int = 16,
-          importance_seqlen: int = 128, importance_draws: int = 8) -> budget_mod.Solution:
+          importance_seqlen: int = 128, importance_draws: int = 8, allow_mismatch: bool = False) -> budget_mod.Solution:
     """Solve every tensor once at min(max_rank, its dimensions) for `budget` (see budget.py): factors, gains, the
     exact objective per stored type and rank, and (importance_weights) each tensor's importance weight measured
     with `importance.fisher_kl` on the first importance_samples x importance_seqlen calibration tokens."""
@@ -229,6 +290,8 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
     t_start = time.perf_counter()
     with open_gguf(gguf_path) as base:
         check_matches(config, base)
+        if not allow_mismatch:
+            check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=max_rank, eig_floor=eig_floor,
                          budget_types=tuple(adapter_types))
         calib_meta, ids = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
@@ -378,7 +441,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                      out: str | os.PathLike[str], *, rank: int, method: str, calib: str | None,
                      stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
                      propagate: str, adapter_type: str, peft_dir: str | os.PathLike[str] | None, eig_floor: float,
-                     batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer) -> Report:
+                     batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer,
+                     allow_mismatch: bool = False) -> Report:
     """One rank for every tensor (see `compensate`)."""
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -390,19 +454,24 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
     config = load_config(hf)
     names = NameMap.from_config(config)
     check_rank(names, rank)
-    check_writable(out)
     also = dict(also or {})
-    for r, p in also.items():
+    for r in also:
         if not 1 <= r <= rank:
             raise EoraError(f"extra rank {r} must lie in [1, {rank}]")
-        check_writable(p)
     if also and propagate == "compensated":
         raise EoraError("--propagate compensated depends on the rank: solve each rank on its own")
-    if peft_dir is not None:
-        check_writable(Path(peft_dir))
+    inputs = [hf, gguf_path, stats if isinstance(stats, (str, os.PathLike)) else None]
     t_start = time.perf_counter()
-    with open_gguf(gguf_path) as base:
+    # Every output is staged (checked, then written to temporaries) before the work and renamed into place only
+    # when all of them are complete: an interruption or a full disk leaves none of them, and a re-run works.
+    with staged_outputs() as staging, open_gguf(gguf_path) as base:
+        out_tmp = staging.file(out, suffix=".gguf", inputs=inputs)
+        also_tmp = {r: staging.file(p, suffix=".gguf", inputs=[*inputs, out]) for r, p in also.items()}
+        peft_tmp = (staging.folder(peft_dir, may_hold=adapter_io.PEFT_FILES, inputs=[*inputs, out])
+                    if peft_dir is not None else None)
         check_matches(config, base)
+        if not allow_mismatch:
+            check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=rank, eig_floor=eig_floor)
         t0 = time.perf_counter()
         calib_meta, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
@@ -411,14 +480,17 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
         arch = base.meta.arch
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
                     "eora.base_model": Path(gguf_path).name, "eora.calibration": str(calib_meta["calibration"])}
-        path = adapter_io.write_gguf_lora(out, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
-        adapter_io.check_gguf_lora(path, base)
-        for r, p in sorted(also.items()):
+        adapter_io.write_gguf_lora(out_tmp, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
+        adapter_io.check_gguf_lora(out_tmp, base)
+        for r, p in sorted(also_tmp.items()):
             low = {n: (b[:, :r], a[:r]) for n, (b, a) in solver.factors.items()}
             adapter_io.write_gguf_lora(p, low, arch=arch, dtype=adapter_type, metadata={**metadata, "eora.rank": r})
             adapter_io.check_gguf_lora(p, base)
-    if peft_dir is not None:
-        adapter_io.write_peft(peft_dir, solver.factors, names, base_model_name_or_path=str(hf))
+        if peft_tmp is not None:
+            adapter_io.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
+    path = Path(out)
+    log.info("wrote %s (%d LoRA pairs, rank %d, %s)%s", path, len(solver.factors), rank, adapter_type,
+             f" and the PEFT folder {peft_dir}" if peft_dir is not None else "")
     total = time.perf_counter() - t_start
     report = Report(adapter=str(path), method=method, rank=rank, tensors=solver.tensors,
                     seconds={"calibrate_and_solve": round(t_cal, 2), "solve": round(solver.solve_seconds, 2),

@@ -214,9 +214,14 @@ def _floor(c: torch.Tensor, eig_floor: float, name: str | None) -> torch.Tensor:
     eye = torch.eye(c.shape[0], dtype=c.dtype)
     if int(torch.linalg.cholesky_ex(c - tau * eye)[1]) == 0:
         return c  # every eigenvalue is above the floor: exact EoRA
+    # share of the mean eigenvalue the ridge adds: how much it changes this layer's weighting (for the summary)
+    weight = tau / max(float(torch.diagonal(c).mean()), 1e-300)
     log.warning("%s: calibration covariance has eigenvalues below %.1e·λmax (fewer tokens than its %d inputs, "
                 "dead channels, or outlier channels that dominate λmax); adding the ridge %.3g·I",
-                _who(name), eig_floor, c.shape[0], tau)
+                _who(name), eig_floor, c.shape[0], tau,
+                extra={"summary": ("ridge", f"calibration covariances with eigenvalues below {eig_floor:.0e}·λmax "
+                                            "got a ridge (normal with fewer tokens than inputs; --verbose lists them)",
+                                   weight, f"{_who(name)}, ridge {weight:.2g} of its mean eigenvalue")})
     return c + tau * eye
 
 

@@ -55,6 +55,8 @@ class GGUFModel:
         self.path = Path(path)
         self._reader = _open_reader(self.path)
         self._tensors = {t.name: t for t in self._reader.tensors}
+        for t in self._reader.tensors:
+            _check_tensor(self.path, t)
         self.meta = self._read_meta()
 
     def __enter__(self) -> GGUFModel:
@@ -85,8 +87,11 @@ class GGUFModel:
         f = self.reader.fields.get(key)
         if f is None or not f.types:
             return default
-        value = f.contents()
-        return value
+        try:
+            return f.contents()
+        except (UnicodeDecodeError, ValueError, IndexError, TypeError) as exc:
+            raise EoraError(f"{self.path}: metadata {key} cannot be read ({type(exc).__name__}): the file is corrupt, "
+                            "convert or download it again") from None
 
     def tensor(self, name: str) -> TensorInfo:
         t = self._tensors.get(name)
@@ -109,6 +114,9 @@ class GGUFModel:
         except NotImplementedError:
             raise EoraError(f"{name} is {info.qtype.name}, which gguf-py {_gguf_version()} cannot dequantize: "
                             "requantize the model with another type") from None
+        except (ValueError, IndexError, TypeError) as exc:  # a directory entry that contradicts its data
+            raise EoraError(f"{self.path}: tensor {name} cannot be read ({exc}): the file is corrupt, "
+                            "convert or download it again") from None
         out = np.asarray(out, dtype=np.float32)
         if out.shape != info.shape:
             out = out.reshape(info.shape)
@@ -189,6 +197,24 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on truncated or corrupt files
         raise EoraError(f"{path} is not a readable GGUF ({type(exc).__name__}: {exc}); "
                         "it may be truncated: convert or download it again") from None
+
+
+def _check_tensor(path: Path, t: Any) -> None:
+    """Refuse a directory entry whose shape or data cannot be this tensor's (llama.cpp refuses it too)."""
+    ne = [int(x) for x in t.shape]
+    if not ne or any(n <= 0 for n in ne):
+        raise EoraError(f"{path}: tensor {t.name} has shape {ne}: the file is corrupt, convert or download it again")
+    block, type_size = gguf.GGML_QUANT_SIZES.get(t.tensor_type, (None, None))
+    if block is None:
+        raise EoraError(f"{path}: tensor {t.name} has unknown type {int(t.tensor_type)}: the file is corrupt or "
+                        "from a newer llama.cpp")
+    if ne[0] % block:
+        raise EoraError(f"{path}: tensor {t.name} has rows of {ne[0]} elements, not a multiple of the "
+                        f"{t.tensor_type.name} block ({block}): the file is corrupt, convert it again")
+    need = int(np.prod(ne, dtype=object)) // block * type_size
+    if int(t.data.nbytes) != need:
+        raise EoraError(f"{path}: tensor {t.name} data is not within the file bounds ({t.data.nbytes} of {need} "
+                        "bytes): the file is truncated, convert or download it again")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -31,7 +31,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import _native
-from ._native import NativeError, NativeUnavailable, available, cuda_available, cuda_describe
+from ._native import (NativeArgumentError, NativeError, NativeMemoryError, NativeShapeError, NativeUnavailable,
+                      available, cuda_available, cuda_describe)
 from .errors import EoraError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def _qtype(qtype: GGMLQuantizationType | str | int, allowed: Sequence[GGMLQuanti
             t = GGMLQuantizationType[qtype.upper()]
         else:
             t = GGMLQuantizationType(int(qtype))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError, OverflowError):
         raise EoraError(f"unknown {what} type {qtype!r}: use one of {', '.join(x.name for x in allowed)}") from None
     if t not in allowed:
         raise EoraError(f"{what} type {t.name} is not supported here: use one of {', '.join(x.name for x in allowed)}")
@@ -68,6 +69,32 @@ def block_info(qtype: GGMLQuantizationType | str) -> tuple[int, int]:
     elems, nbytes = ffi.new("int64_t *"), ffi.new("int64_t *")
     _native.check(lib.eora_type_info(int(_qtype(qtype)), elems, nbytes), "type_info")
     return int(elems[0]), int(nbytes[0])
+
+
+# Sizes beyond this cannot be real tensors and would overflow the C side's int64 byte counts.
+_MAX_DIM = 1 << 40
+
+
+def _dims(shape: Any, what: str) -> tuple[int, ...]:
+    """`shape` as a tuple of positive Python ints, each and their product small enough for int64 byte counts."""
+    try:
+        dims = tuple(int(s) for s in shape)
+        if any(d != s for d, s in zip(dims, shape)):  # 2.5 -> 2 would silently change the shape
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise NativeShapeError(f"{what} {shape!r} must be a sequence of integers") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise NativeShapeError(f"{what} {dims} must have positive sizes")
+    if any(d > _MAX_DIM for d in dims) or int(np.prod(dims, dtype=object)) > _MAX_DIM:
+        raise NativeShapeError(f"{what} {dims} is too large for a tensor")
+    return dims
+
+
+def _empty(shape: tuple[int, ...], what: str) -> np.ndarray:
+    try:
+        return np.empty(shape, dtype=np.float32)
+    except (MemoryError, ValueError):
+        raise NativeMemoryError(f"cannot allocate the {what} of shape {shape} (float32): out of memory") from None
 
 
 def _as_numpy(a: Any, what: str) -> np.ndarray:
@@ -100,10 +127,8 @@ def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int]
             raise EoraError("reference/cuda_host take CPU input; raw is a CUDA tensor (already on the GPU path)")
         return _cuda_dequantize(raw, t, shape)
     arr = _as_numpy(raw, "raw")
-    shape = tuple(int(s) for s in shape)
-    n = int(np.prod(shape)) if shape else 1
-    if not shape or any(s <= 0 for s in shape):
-        raise EoraError(f"shape {shape} must have positive sizes")
+    shape = _dims(shape, "shape")
+    n = int(np.prod(shape, dtype=object))
     elems, nbytes = block_info(t)
     if shape[-1] % elems:
         raise EoraError(f"row length {shape[-1]} of a {t.name} tensor is not a multiple of its block size {elems}")
@@ -111,7 +136,7 @@ def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int]
     if arr.nbytes != need:
         raise EoraError(f"{t.name} tensor of shape {shape} needs {need} bytes, got {arr.nbytes}")
     ffi, lib = _native.ffi_lib()
-    out = np.empty(shape, dtype=np.float32)
+    out = _empty(shape, "output")
     if reference and cuda_host:
         raise EoraError("pick one of reference and cuda_host")
     fn = lib.eora_dequantize_ref if reference else lib.eora_cuda_dequantize_host if cuda_host else lib.eora_dequantize
@@ -157,9 +182,9 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
     CUDA host entry point (validation).
     """
     t = _qtype(qtype)
-    if len(shape) != 2:
-        raise EoraError(f"weight shape must be (d_out, d_in), got {tuple(shape)}")
-    d_out, d_in = (int(s) for s in shape)
+    if not hasattr(shape, "__len__") or len(shape) != 2:
+        raise NativeShapeError(f"weight shape must be (d_out, d_in), got {shape!r}")
+    d_out, d_in = _dims(shape, "weight shape")
     if any(_is_cuda(v) for v in (w_raw, x, a, b)):
         if reference or cuda_host or isa is not None:
             raise EoraError("reference, cuda_host and isa apply to CPU input; these tensors are on a CUDA device")
@@ -167,9 +192,16 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
     is_torch = hasattr(x, "detach")
     xs = _as_numpy(x, "x")
     squeeze = xs.ndim == 1
-    xs = np.ascontiguousarray(xs.reshape(1, -1) if squeeze else xs, dtype=np.float32)
-    if xs.ndim != 2 or xs.shape[1] != d_in:
-        raise EoraError(f"x has shape {tuple(xs.shape)}, expected (n_tokens, {d_in})")
+    if xs.ndim != 2 and not squeeze or xs.size == 0:
+        raise NativeShapeError(f"x has shape {tuple(xs.shape)}, expected (n_tokens, {d_in})")
+    if xs.dtype.kind not in "fiu":  # complex would lose its imaginary part silently
+        raise NativeArgumentError(f"x has dtype {xs.dtype}: pass real numbers (float32 preferred)")
+    try:
+        xs = np.ascontiguousarray(xs.reshape(1, -1) if squeeze else xs, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise NativeArgumentError(f"x of dtype {xs.dtype} cannot be converted to float32") from None
+    if xs.shape[1] != d_in:
+        raise NativeShapeError(f"x has shape {tuple(xs.shape)}, expected (n_tokens, {d_in})")
     w = _as_numpy(w_raw, "w_raw")
     if (a is None) != (b is None):
         raise EoraError("pass both a and b for an adapter, or neither")
@@ -180,12 +212,16 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
         an, at = _adapter_part(a, a_type, "a")
         bn, bt = _adapter_part(b, b_type, "b")
         rank = an.shape[0]
-    if isa not in _ISA_FLAGS:
+        # A (rank, d_in) and B (d_out, rank); Q8_0 widths are in bytes and are checked exactly by the library
+        if bn.shape[0] != d_out or (bt != T.Q8_0 and bn.shape[1] != rank) or (at != T.Q8_0 and an.shape[1] != d_in):
+            raise NativeShapeError(f"adapter shapes a {an.shape} and b {bn.shape} do not fit W ({d_out}, {d_in}): "
+                                   f"a must be (rank, {d_in}) and b ({d_out}, rank) with one rank")
+    if not isinstance(isa, (str, type(None))) or isa not in _ISA_FLAGS:
         raise EoraError(f"isa must be one of {', '.join(k for k in _ISA_FLAGS if k)}, got {isa!r}")
-    if threads is not None and threads < 1:
-        raise EoraError(f"threads must be >= 1, got {threads}")
+    if threads is not None and (not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 4096):
+        raise NativeArgumentError(f"threads must be an integer in [1, 4096], got {threads!r}")
     ffi, lib = _native.ffi_lib()
-    y = np.empty((xs.shape[0], d_out), dtype=np.float32)
+    y = _empty((xs.shape[0], d_out), "output y")
     wp, wb = _buffer(ffi, w)
     ap, ab = _buffer(ffi, an)
     bp, bb = _buffer(ffi, bn)
@@ -233,9 +269,7 @@ def _stream_ptr(ffi: Any, device: Any) -> Any:
 def _cuda_dequantize(raw: Any, t: GGMLQuantizationType, shape: Sequence[int]) -> Any:
     import torch
 
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise EoraError(f"shape {shape} must have positive sizes")
+    shape = _dims(shape, "shape")
     raw = _cuda_input(raw, "raw", raw.device)
     n = int(np.prod(shape))
     ffi, lib = _native.ffi_lib()

@@ -411,30 +411,49 @@ def run_tool(cmd: Sequence[str | os.PathLike[str]], what: str, *, env: dict[str,
     if verbose:
         sys.stderr.write(err)
     if proc.returncode != 0:
-        raise EoraError(f"{what} failed (exit {proc.returncode}): {_last_error_line(err or out)}")
+        raise EoraError(f"{what} failed (exit {proc.returncode}): {_last_error_line(err + chr(10) + out)}")
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+# llama.cpp states a failure's cause once, deep down, then each caller adds a generic line ("failed to load
+# model", "main: error: unable to load model"); keep the cause. Most specific first:
+_CAUSES = (
+    # llama.cpp's own causes, and the hints it gives with them
+    re.compile(r"hint:|is disabled|not within the file bounds|incorrect shape|wrong base model|mismatch|"
+               r"unknown (model )?architecture|invalid magic|unsupported|not supported|out of memory|"
+               r"tensor '[^']*' has|expected .* got|corrupted|incomplete", re.IGNORECASE),
+    # a Python exception line (convert_hf_to_gguf.py)
+    re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S"),
+    # "...: error: <cause>" / "failed to <x>: <cause>"
+    re.compile(r"(error|failed to \w+( \w+)?|exception)\s*:\s*\S", re.IGNORECASE),
+    re.compile(r"error|failed|invalid|unknown|cannot|not ", re.IGNORECASE),
+)
+
+
 def _last_error_line(text: str) -> str:
+    """The most specific error line a tool printed: its stated cause rather than the generic last line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.search(r"error|failed|invalid|unknown|cannot|not ", ln, re.IGNORECASE):
-            return ln[:400]
+    for rank, pattern in enumerate(_CAUSES):
+        hits = [ln for ln in lines if pattern.search(ln)]
+        if hits:
+            line = hits[-1] if rank == 1 else hits[0]  # the last exception of a traceback; the first cause
+            # a progress table without a newline can precede the message on its line: start at "<fn>: failed"
+            start = re.search(r"[\w.]+: (failed|error)\b[^|]*$", line)
+            return (line[start.start():] if start else line)[:400]
     return lines[-1][:400] if lines else "no output"
 
 
 def convert(llama: LlamaCpp, hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             outtype: str = "f16", verbose: bool = False) -> Path:
     """HF folder -> GGUF with llama.cpp's own convert_hf_to_gguf.py (and its own gguf-py)."""
+    from .calibration import check_model_folder
+
     hf = Path(hf_dir)
-    if not hf.is_dir():
-        raise EoraError(f"HF model directory {hf} does not exist")
-    if not (hf / "config.json").is_file():
-        raise EoraError(f"{hf} has no config.json: it is not a Hugging Face model folder")
     if outtype not in CONVERT_OUTTYPES:
         raise EoraError(f"unknown --outtype {outtype!r}: choose one of {', '.join(CONVERT_OUTTYPES)}")
+    check_model_folder(hf)  # the converter writes a GGUF of 0 tensors for a folder without safetensors
     out = Path(out)
-    with atomic_output(out, suffix=".gguf") as tmp:
+    with atomic_output(out, suffix=".gguf", inputs=[hf]) as tmp:
         run_tool([sys.executable, llama.converter, hf, "--outfile", tmp, "--outtype", outtype],
                  f"convert_hf_to_gguf.py on {hf}", verbose=verbose)
     return out
@@ -457,7 +476,7 @@ def quantize(llama: LlamaCpp, src: str | os.PathLike[str], out: str | os.PathLik
     args: list[str | os.PathLike[str]] = [llama.tool("llama-quantize"), *extra_args]
     if imatrix is not None:
         args += ["--imatrix", imatrix]
-    with atomic_output(out, suffix=".gguf") as tmp:
+    with atomic_output(out, suffix=".gguf", inputs=[src, imatrix]) as tmp:
         args += [src, tmp, qtype_u]
         if threads:
             args.append(str(threads))

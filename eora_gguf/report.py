@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import EoraError, atomic_output
+from .errors import EoraError, atomic_output, staged_outputs
 from .pipeline import format_table
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,13 @@ def write_report(sweep: dict, out_dir: str | os.PathLike[str], *, title: str | N
     out.mkdir(parents=True, exist_ok=True)
     rows = sweep["rows"]
     name = title or sweep.get("model_name") or Path(sweep.get("hf_dir", "model")).name
-    png = out / "pareto.png"
-    plot(rows, png, title=name, ppl_f16=_f16(rows)["ppl"])
-    md = out / "report.md"
-    with atomic_output(md) as tmp:
-        tmp.write_text(markdown(sweep, name, png.name))
-    js = out / "report.json"
-    with atomic_output(js) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in sweep.items() if k != "table"}, indent=1))
+    png, md, js = out / "pareto.png", out / "report.md", out / "report.json"
+    inputs = [sweep.get("source")]
+    with staged_outputs() as staging:  # the three files together or none of them
+        plot(rows, staging.file(png, suffix=".png", inputs=inputs), title=name, ppl_f16=_f16(rows)["ppl"])
+        staging.file(md, inputs=inputs).write_text(markdown(sweep, name, png.name))
+        staging.file(js, inputs=inputs).write_text(json.dumps({k: v for k, v in sweep.items() if k != "table"},
+                                                              indent=1))
     return {"markdown": str(md), "json": str(js), "plot": str(png)}
 
 

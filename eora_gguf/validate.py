@@ -19,10 +19,16 @@ from torch import nn
 from . import adapter as adapter_io
 from . import calibration, kernels
 from .compensate import calibration_ids, load_config
+from .errors import EoraError
 from .gguf_io import check_matches, open_gguf
 from .naming import NameMap
 
 log = logging.getLogger(__name__)
+
+
+def _finite(v: np.ndarray, what: str) -> None:
+    if not np.isfinite(v).all():
+        raise EoraError(f"NaN/Inf in {what}: the file is broken, make it again")
 
 
 def _rel_err(y: np.ndarray, ref: np.ndarray) -> float:
@@ -71,11 +77,18 @@ def validate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
                 ref = x.astype(np.float64) @ w.to(torch.float64).numpy().T
                 info = base.tensor(gname)
                 raw = np.ascontiguousarray(base.raw(gname)).view(np.uint8)
+                if not np.isfinite(ref).all():
+                    raise EoraError(f"{module}: NaN/Inf in the HF model's weights or activations: the model is "
+                                    "broken, download or save it again")
                 y_q = kernels.fused_matmul(raw, info.qtype, info.shape, x, threads=threads)
+                _finite(y_q, f"{gname} of {Path(gguf_path).name} (NaN/Inf weights)")
                 row = {"qtype": info.qtype.name, "rows": int(len(pick)), "rel_err_quant": _rel_err(y_q, ref)}
                 if gname in factors:
                     b, a = factors[gname]
+                    _finite(a, f"{gname}.lora_a of {Path(lora).name}")
+                    _finite(b, f"{gname}.lora_b of {Path(lora).name}")
                     y_qa = kernels.fused_matmul(raw, info.qtype, info.shape, x, a, b, threads=threads)
+                    _finite(y_qa, f"{gname} with the adapter {Path(lora).name}")
                     row["rel_err_adapter"] = _rel_err(y_qa, ref)
                     row["rank"] = int(a.shape[0])
                 rows[gname] = row

@@ -126,9 +126,10 @@ SYNTH = dict(model_type="llama", num_hidden_layers=1, hidden_size=64, num_attent
 
 
 def write_synthetic_gguf(path: Path, config: Mapping[str, object] = SYNTH, *, seed: int = 0,
-                         arch: str | None = None, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32
-                         ) -> dict[str, np.ndarray]:
-    """A small model GGUF (no vocabulary; enough for name/shape checks) with random linear weights.
+                         arch: str | None = None, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                         hf_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """A small model GGUF (no vocabulary; enough for name/shape checks) with random linear weights, or with the
+    linear weights of the HF model in `hf_dir` (in GGUF row order: a lossless "quantization" of it).
 
     Returns the float32 weights written, by GGUF name (before quantization when qtype is not F32/F16).
     """
@@ -149,6 +150,9 @@ def write_synthetic_gguf(path: Path, config: Mapping[str, object] = SYNTH, *, se
         for module in LINEAR_MODULES:
             name = names.to_gguf(f"model.layers.{bid}.{module}")
             w = rng.standard_normal(dims.linear_shape(module)).astype(np.float32)
+            if hf_dir is not None:
+                hf_name = f"model.layers.{bid}.{module}"
+                w = np.asarray(names.hf_to_gguf_rows(hf_name, hf_state(hf_dir)[hf_name + ".weight"]), np.float32)
             weights[name] = w
             if qtype == gguf.GGMLQuantizationType.F32:
                 writer.add_tensor(name, w)

@@ -9,7 +9,9 @@
  *  - Every function returns an eora_status; on failure eora_last_error() returns a one-line message
  *    (thread-local, valid until the next failing call on the same thread). Nothing is printed, nothing
  *    aborts: the library runs inside the Python process.
- *  - Every caller buffer comes with its length in bytes and is checked before it is read or written.
+ *  - Every caller buffer comes with its length in bytes and is checked before it is read or written: input
+ *    buffers and the output of dequantize/fused_matmul must have exactly the length their type and shape
+ *    need (a longer one means the shape and the data disagree: EORA_ERR_BUFFER).
  *  - Types are numbered as ggml/gguf number them (GGMLQuantizationType), so values pass through
  *    unchanged from gguf-py.
  *  - Matrices are row-major. A weight of shape (d_out, d_in) is d_out rows of d_in elements, each row a

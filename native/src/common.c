@@ -62,17 +62,19 @@ eora_status eora_check_blocks(int type, int64_t n_elems, size_t have_bytes, cons
     if (n_elems / t->block_elems > INT64_MAX / t->block_bytes)
         return eora_fail(EORA_ERR_SHAPE, "%s: %lld elements overflow the byte count", what, (long long)n_elems);
     int64_t need = n_elems / t->block_elems * t->block_bytes;
-    if ((uint64_t)need > (uint64_t)have_bytes)
-        return eora_fail(EORA_ERR_BUFFER, "%s: buffer has %zu bytes, %lld needed", what, have_bytes, (long long)need);
+    /* exactly: a longer buffer means the caller's shape and its data disagree (e.g. a weight of twice the rows) */
+    if ((uint64_t)need != (uint64_t)have_bytes)
+        return eora_fail(EORA_ERR_BUFFER, "%s: buffer has %zu bytes, its shape needs exactly %lld", what, have_bytes,
+                         (long long)need);
     if (bytes_out) *bytes_out = need;
     return EORA_OK;
 }
 
 static eora_status check_f32(int64_t rows, int64_t cols, size_t have, const char *what) {
     if (rows > INT64_MAX / 4 / cols) return eora_fail(EORA_ERR_SHAPE, "%s: shape overflows", what);
-    if ((uint64_t)(rows * cols * 4) > (uint64_t)have)
-        return eora_fail(EORA_ERR_BUFFER, "%s: buffer has %zu bytes, %lld needed", what, have,
-                         (long long)(rows * cols * 4));
+    if ((uint64_t)(rows * cols * 4) != (uint64_t)have)
+        return eora_fail(EORA_ERR_BUFFER, "%s: buffer has %zu bytes, its shape (%lld x %lld) needs exactly %lld", what,
+                         have, (long long)rows, (long long)cols, (long long)(rows * cols * 4));
     return EORA_OK;
 }
 
@@ -88,13 +90,19 @@ eora_status eora_check_fused(const eora_fused_args *f) {
                          (long long)f->d_in, (long long)eora_traits(f->w_type)->block_elems);
     int64_t row_bytes = f->d_in / eora_traits(f->w_type)->block_elems * eora_traits(f->w_type)->block_bytes;
     if (f->d_out > INT64_MAX / row_bytes) return eora_fail(EORA_ERR_SHAPE, "fused_matmul: weight shape overflows");
-    if ((uint64_t)(f->d_out * row_bytes) > (uint64_t)f->w_bytes)
-        return eora_fail(EORA_ERR_BUFFER, "fused_matmul: weight buffer has %zu bytes, %lld needed", f->w_bytes,
+    if ((uint64_t)(f->d_out * row_bytes) != (uint64_t)f->w_bytes)
+        return eora_fail(EORA_ERR_BUFFER, "fused_matmul: weight buffer has %zu bytes, its type and shape (%lld x %lld) "
+                         "need exactly %lld", f->w_bytes, (long long)f->d_out, (long long)f->d_in,
                          (long long)(f->d_out * row_bytes));
     if ((s = check_f32(f->n_tokens, f->d_in, f->x_bytes, "fused_matmul: x")) != EORA_OK) return s;
     if ((s = check_f32(f->n_tokens, f->d_out, f->y_bytes, "fused_matmul: y")) != EORA_OK) return s;
     if (f->rank < 0) return eora_fail(EORA_ERR_SHAPE, "fused_matmul: rank %lld is negative", (long long)f->rank);
-    if (f->rank == 0) return EORA_OK;
+    if (f->rank == 0) {
+        if (f->a_bytes || f->b_bytes)
+            return eora_fail(EORA_ERR_SHAPE, "fused_matmul: rank 0 but adapter buffers of %zu and %zu bytes were given",
+                             f->a_bytes, f->b_bytes);
+        return EORA_OK;
+    }
     int64_t lim = f->d_in < f->d_out ? f->d_in : f->d_out;
     if (f->rank > lim)
         return eora_fail(EORA_ERR_SHAPE, "fused_matmul: rank %lld exceeds min(d_in, d_out) = %lld", (long long)f->rank,
@@ -111,7 +119,13 @@ eora_status eora_check_fused(const eora_fused_args *f) {
     if (f->rank % eora_traits(f->b_type)->block_elems)
         return eora_fail(EORA_ERR_SHAPE, "fused_matmul: b row length (rank %lld) is not a multiple of its block size 32",
                          (long long)f->rank);
-    if ((s = eora_check_blocks(f->a_type, f->rank * f->d_in, f->a_bytes, "fused_matmul: a", NULL)) != EORA_OK) return s;
-    if ((s = eora_check_blocks(f->b_type, f->d_out * f->rank, f->b_bytes, "fused_matmul: b", NULL)) != EORA_OK) return s;
+    /* a is (rank, d_in) and b is (d_out, rank): exact byte counts tie A's width to d_in, B's height to d_out and
+     * both to one rank */
+    if (f->rank > INT64_MAX / f->d_in || f->rank > INT64_MAX / f->d_out)
+        return eora_fail(EORA_ERR_SHAPE, "fused_matmul: adapter shape overflows");
+    if ((s = eora_check_blocks(f->a_type, f->rank * f->d_in, f->a_bytes, "fused_matmul: a (rank x d_in)", NULL)) != EORA_OK)
+        return s;
+    if ((s = eora_check_blocks(f->b_type, f->d_out * f->rank, f->b_bytes, "fused_matmul: b (d_out x rank)", NULL)) != EORA_OK)
+        return s;
     return EORA_OK;
 }

@@ -41,13 +41,13 @@ static eora_status check_lora(const char *fn, int m_type, const void *m, size_t 
     const uint64_t esz = m_type == EORA_TYPE_F16 ? 2 : 4;
     if ((uint64_t)m_bytes / esz / (uint64_t)k < (uint64_t)rows)
         return eora_fail(EORA_ERR_BUFFER, "%s: matrix has %zu bytes, %llu needed", fn, m_bytes,
-                         (unsigned long long)(esz * (uint64_t)(rows * k)));
+                         (unsigned long long)(esz * (uint64_t)rows * (uint64_t)k));  /* unsigned: may wrap, no UB */
     if ((uint64_t)v_bytes / 4 / (uint64_t)k < (uint64_t)n_tokens)
-        return eora_fail(EORA_ERR_BUFFER, "%s: input has %zu bytes, %lld needed", fn, v_bytes,
-                         (long long)(n_tokens * k * 4));
+        return eora_fail(EORA_ERR_BUFFER, "%s: input has %zu bytes, %llu needed", fn, v_bytes,
+                         (unsigned long long)((uint64_t)n_tokens * (uint64_t)k * 4));
     if ((uint64_t)out_bytes / 4 / (uint64_t)rows < (uint64_t)n_tokens)
-        return eora_fail(EORA_ERR_BUFFER, "%s: output has %zu bytes, %lld needed", fn, out_bytes,
-                         (long long)(n_tokens * rows * 4));
+        return eora_fail(EORA_ERR_BUFFER, "%s: output has %zu bytes, %llu needed", fn, out_bytes,
+                         (unsigned long long)((uint64_t)n_tokens * (uint64_t)rows * 4));
     if (row_begin < 0 || row_end < row_begin || row_end > rows)
         return eora_fail(EORA_ERR_SHAPE, "%s: row range [%lld, %lld) is not inside [0, %lld)", fn,
                          (long long)row_begin, (long long)row_end, (long long)rows);

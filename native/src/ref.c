@@ -15,8 +15,9 @@ EORA_API eora_status eora_dequantize_ref(int type, const void *src, size_t src_b
     if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "dequantize: src and dst must not be NULL");
     eora_status s = eora_check_blocks(type, n_elems, src_bytes, "dequantize: src", NULL);
     if (s != EORA_OK) return s;
-    if ((uint64_t)n_elems > (uint64_t)dst_bytes / 4)
-        return eora_fail(EORA_ERR_BUFFER, "dequantize: dst has %zu bytes, %lld needed", dst_bytes, (long long)n_elems * 4);
+    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
+        return eora_fail(EORA_ERR_BUFFER, "dequantize: dst has %zu bytes, exactly %llu needed", dst_bytes,
+                         (unsigned long long)n_elems * 4);
     eora_dequant_row_ref(type, src, dst, n_elems);
     return EORA_OK;
 }

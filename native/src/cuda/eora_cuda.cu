@@ -384,8 +384,9 @@ EORA_API eora_status eora_cuda_dequantize(int type, const void *src, size_t src_
     if (s != EORA_OK) return s;
     if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
     if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", NULL)) != EORA_OK) return s;
-    if ((uint64_t)n_elems > (uint64_t)dst_bytes / 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, %lld needed", fn, dst_bytes, (long long)n_elems * 4);
+    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
+        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
+                         (unsigned long long)n_elems * 4);
     if ((uintptr_t)src % 2 || (uintptr_t)dst % 4)
         return eora_fail(EORA_ERR_ARGUMENT, "%s: src must be 2-byte and dst 4-byte aligned", fn);
     cudaStream_t st = (cudaStream_t)stream;
@@ -497,8 +498,9 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
     if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
     int64_t need = 0;
     if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", &need)) != EORA_OK) return s;
-    if ((uint64_t)n_elems > (uint64_t)dst_bytes / 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, %lld needed", fn, dst_bytes, (long long)n_elems * 4);
+    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
+        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
+                         (unsigned long long)n_elems * 4);
     DeviceBuffers d;
     EORA_CU(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), fn);
     if ((s = upload(d, 0, src, (size_t)need, fn)) != EORA_OK) return s;
@@ -520,7 +522,7 @@ EORA_API eora_status eora_cuda_fused_matmul_host(int w_type, const void *w, size
     eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
                          a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
     if ((s = eora_check_fused(&f)) != EORA_OK) return s;
-    /* Copy exactly what the shapes use (the buffers may be longer). */
+    /* Copy what the shapes use (eora_check_fused made the buffer sizes match them exactly). */
     size_t wn = row_bytes(w_type, d_in) * (size_t)d_out, xn = (size_t)(n_tokens * d_in) * 4, yn = (size_t)(n_tokens * d_out) * 4;
     size_t an = rank ? row_bytes(a_type, d_in) * (size_t)rank : 0, bn = rank ? row_bytes(b_type, rank) * (size_t)d_out : 0;
     DeviceBuffers d;
