@@ -96,7 +96,8 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
     report = compensate.compensate(
         args.hf, args.gguf, args.output, rank=args.rank, method=args.method,
         calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
-        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor)
+        propagate=args.propagate, adapter_type=args.adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor,
+        embeddings=args.embeddings, embedding_smoothing=args.embedding_smoothing)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -226,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (HF row order)")
     sp.add_argument("--eig-floor", type=float, default=1e-6,
                     help="covariance eigenvalues below this x the largest are lifted (ridge); default 1e-6")
+    sp.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=False,
+                    help="also compensate token_embd and output where llama.cpp can apply a LoRA (untied models; "
+                         "needs --calib); default off")
+    sp.add_argument("--embedding-smoothing", type=float, default=0.0, metavar="ALPHA",
+                    help="pseudo-count added to every token's calibration count for token_embd (default 0)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
     sp = verb("validate", cmd_validate, "run real activations through the native fused kernel: per-tensor output "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import adapter as adapter_io
-from . import calib_data, calibration, eora
+from . import calib_data, calibration, embedding, eora
 from .errors import EoraError, check_writable
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
@@ -142,7 +142,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                samples: int = 64, seqlen: int = 512, propagate: str = "original", adapter_type: str = "f16",
                peft_dir: str | os.PathLike[str] | None = None, eig_floor: float = 1e-6,
                batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None,
-               tokenizer=None) -> Report:
+               tokenizer=None, embeddings: bool = False, embedding_smoothing: float = 0.0,
+               embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -152,6 +153,10 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     also: {lower rank: path} — also write those ranks' adapters. Every method's rank-r solution is the first r
     components of its rank-R one (B's columns are the top eigenvectors of one Gram matrix, in descending
     order), so one solve serves all ranks (with propagate="original"; compensated mode depends on the rank).
+    embeddings: also compensate token_embd.weight and output.weight where llama.cpp can apply a LoRA to them
+    (embedding.py; a tied token_embd cannot be), at `rank` (capped at the hidden size), with token counts
+    smoothed by `embedding_smoothing` pseudo-counts; `embedding_stats` (an EmbeddingStats or its file) reuses
+    statistics, otherwise they come from this run's calibration (not from `stats`).
     """
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -185,6 +190,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
             st.check_model(hf)
             for bid in range(names.dims.n_layers):
                 solver.layer(st, st.modules(bid))
+            est = _embedding_stats(embeddings, embedding_stats, None, None, hf)
             calib_meta = {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}
         elif calib is None:
             raise EoraError("give calibration data (--calib) or statistics (--stats)")
@@ -195,10 +201,21 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                 weights = solver.layer(layer_stats, layer_stats.modules(i))
                 return weights if propagate == "compensated" else {}
 
-            calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
-                               keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
-                               return_hidden=False)
+            _, hidden = calibration.stream(
+                hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer, keep=False,
+                calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
+                return_hidden=embeddings and embedding_stats is None)
+            est = _embedding_stats(embeddings, embedding_stats, ids, hidden, hf)
+            del hidden
             calib_meta = {"calibration": calib, "calib_tokens": int(ids.numel())}
+        if est is not None:
+            t1 = time.perf_counter()
+            sols, rows = embedding.solve_gguf(hf, base, est, rank, smoothing=embedding_smoothing,
+                                              eig_floor=eig_floor, hf_prefix=names.hf_prefix)
+            solver.factors.update({n: (s.b.to(torch.float32).numpy(), s.a.to(torch.float32).numpy())
+                                   for n, s in sols.items()})
+            solver.tensors.update(rows)  # type: ignore[arg-type]
+            solver.solve_seconds += time.perf_counter() - t1
         t_cal = time.perf_counter() - t0
         arch = base.meta.arch
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
@@ -218,6 +235,20 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                     meta={"propagate": propagate, "adapter_bytes": Path(path).stat().st_size,
                           "adapter_type": adapter_type, **calib_meta})
     return report
+
+
+def _embedding_stats(wanted: bool, given: embedding.EmbeddingStats | str | os.PathLike[str] | None,
+                     ids: torch.Tensor | None, hidden: torch.Tensor | None, hf: Path
+                     ) -> embedding.EmbeddingStats | None:
+    """The statistics the embedding solvers need, when `wanted`: given, or from this run's ids and hidden states."""
+    if not wanted:
+        return None
+    if given is not None:
+        return given if isinstance(given, embedding.EmbeddingStats) else embedding.EmbeddingStats.load(given)
+    if ids is None:
+        raise EoraError("compensating the embeddings needs calibration text (--calib) or embedding statistics, "
+                        "not only --stats")
+    return embedding.collect(hf, ids, hidden)
 
 
 def n_params(gguf_path: str | os.PathLike[str]) -> int:
