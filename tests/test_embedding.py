@@ -4,8 +4,6 @@ adapter layout llama.cpp expects for token_embd, PEFT export, and tiny random ll
 """
 from __future__ import annotations
 
-import subprocess
-
 import gguf
 import numpy as np
 import pytest
@@ -243,6 +241,7 @@ def test_untied_llama_cpp_applies_token_embd_and_output_like_the_torch_reconstru
     _, factors = read_gguf_lora(out)
     only = write_gguf_lora(tmp_path / "only.gguf", {n: factors[n] for n in embedding.EMBEDDING_TENSORS},
                            arch="llama", dtype="f32")
+    (tmp_path / "only").mkdir()
     res2 = reconstruct.check_logits(llama, t["hf"], t["q"], text["heldout"], tmp_path / "only", adapter=only,
                                     threads=2)
     print(reconstruct.summarize(res2))
@@ -252,7 +251,8 @@ def test_untied_llama_cpp_applies_token_embd_and_output_like_the_torch_reconstru
 
 @pytest.mark.llama_cpp
 def test_untied_embedding_adapter_brings_llama_cpp_closer_to_f16(tiny, llama, text, tmp_path):
-    """KL to F16 on held-out text: blk-only adapter vs blk + token_embd/output adapter (same rank)."""
+    """KL to F16 on held-out text: blk-only adapter vs blk + token_embd/output adapter (same rank). Measured:
+    Q2_K 7.2e-5, + blk r8 7.1e-5, + blk and token_embd/output r8 5.5e-5 (the Q2_K embedding dominates here)."""
     from test_compensate import kl
 
     t = tiny(False)
@@ -267,7 +267,7 @@ def test_untied_embedding_adapter_brings_llama_cpp_closer_to_f16(tiny, llama, te
         lp = llamacpp.token_logprobs(llama, t["q"], text["heldout"], tmp_path / f"{emb}.bin", lora=[a], threads=2)[1]
         div["blk+emb" if emb else "blk"] = kl(ref, lp)
     print("KL to F16", div)
-    assert div["blk+emb"] < 0.8 * div["blk"] < div["base"]
+    assert div["blk+emb"] < 0.85 * div["blk"] and div["blk"] < div["base"]
 
 
 @pytest.mark.llama_cpp
@@ -285,9 +285,10 @@ def test_tied_model_gets_no_token_embd_pair_and_llama_cpp_would_abort_on_one(tin
     rng = np.random.default_rng(0)
     forced = write_gguf_lora(tmp_path / "forced.gguf", {"token_embd.weight": (
         rng.standard_normal((d[0], 8)) * 0.01, rng.standard_normal((8, d[1])) * 0.01)}, arch="llama")
-    with pytest.raises((EoraError, subprocess.CalledProcessError, RuntimeError)) as exc:
+    with pytest.raises(EoraError, match=r"ggml_can_mul_mat"):  # the head's mul_mat(lora_a, x): r != n_embd
         llamacpp.token_logprobs(llama, t["q"], text["heldout"], tmp_path / "forced.bin", lora=[forced], threads=2)
-    print("llama.cpp with a tied token_embd LoRA:", str(exc.value)[-300:])
+    with pytest.raises(EoraError, match="tied to the output head"):  # our checker says so before llama.cpp does
+        check_gguf_lora(forced, t["q"])
 
 
 def test_peft_export_of_token_embd_and_lm_head(tmp_path):
