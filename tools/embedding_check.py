@@ -81,6 +81,38 @@ def untied_copy(hf: Path, out: Path) -> Path:
     return out
 
 
+def smoothing_study(hf: Path, text: Path, work: Path, quant: str, out_path: Path,
+                    alphas: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0, 10.0), ranks: tuple[int, ...] = (8, 32, 128)
+                    ) -> dict:
+    """How well the token_embd correction carries to held-out text, per pseudo-count α: the relative error
+    Σ_t u_t ‖ΔE_t − P_t‖² / Σ_t u_t ‖ΔE_t‖², u_t the token counts of the evaluation text (CTX x CHUNKS tokens),
+    P solved with calibration counts + α. Needs the files the main run leaves in `work`."""
+    tok = comp.load_tokenizer(hf)
+    est = embedding.EmbeddingStats.load(work / "embd-stats.safetensors")
+    eval_ids = torch.tensor(tok(text.read_text())["input_ids"][: CTX * CHUNKS])
+    u = embedding.token_counts(eval_ids, est.counts.shape[0])
+    u = u / u.sum()
+    un_hf = work / "untied-hf"
+    with open_gguf(work / f"untied-{quant}.gguf") as m:
+        eq = torch.from_numpy(m.dequantize("token_embd.weight")).to(torch.float64)
+        qtype = m.tensor("token_embd.weight").qtype.name
+    de = embedding.hf_weight(calibration.tensor_files(un_hf), "token_embd.weight")[: eq.shape[0]] - eq
+    before = float(((de * de) * u[:, None]).sum())
+    res: dict = {"quant": quant, "token_embd_type": qtype, "eval_tokens": int(eval_ids.numel()),
+                 "eval_rel_error": {}, "calib_rel_error": {}}
+    w0 = est.row_weights(0.0)
+    calib_before = float(((de * de) * w0[:, None]).sum())
+    for alpha in alphas:
+        sol = embedding.solve_token_embd(de, est.row_weights(alpha), max(ranks))
+        for r in ranks:
+            b, a = sol.truncate(r)
+            res["eval_rel_error"][f"alpha {alpha:g} r{r}"] = embedding.weighted_row_error(de, u, b, a) / before
+            res["calib_rel_error"][f"alpha {alpha:g} r{r}"] = embedding.weighted_row_error(de, w0, b, a) / calib_before
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf", type=Path, default=None)
@@ -90,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quants", default="Q2_K,Q3_K_M")
     p.add_argument("--ranks", default="8,32,128")
     p.add_argument("--smoothing", default="0,1")
+    p.add_argument("--smoothing-study", type=Path, metavar="OUT.json",
+                   help="only the held-out study of the token-count smoothing (after a main run)")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     hf = args.hf or assets.demo_model_dir()
     text = args.text or assets.text_file("eval")
     work = args.workdir
+    if args.smoothing_study:
+        print(json.dumps(smoothing_study(hf, text, work, args.quants.split(",")[0], args.smoothing_study), indent=1))
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     llama = llamacpp.locate(progress=False)
     out: dict = {"model": hf.name, "eval_text": str(text), "ctx": CTX, "chunks": CHUNKS,
