@@ -259,7 +259,8 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
     """Solve every embedding tensor of `base` llama.cpp can adapt (`solvable_tensors`) at `rank` (capped at d).
 
     Returns ({GGUF name: Solution}, {GGUF name: report row like compensate's: rel_err_before/after, qtype}).
-    A vocabulary the converter trimmed is solved on the GGUF's rows (the first V of the HF matrix).
+    A vocabulary the converter trimmed is solved on the GGUF's rows (the first V of the HF matrix). A tensor the
+    GGUF stores without error is skipped (the demo SmolLM2's original embedding was Q8_0 already).
     """
     from .calibration import tensor_files
 
@@ -273,6 +274,9 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
             raise EoraError(f"{name}: HF matrix {tuple(w.shape)} does not fit the GGUF's {tuple(wq.shape)}: "
                             "is it the GGUF of this model?")
         w = w[: wq.shape[0]]
+        if bool(torch.equal(w, wq)):  # e.g. a Q8_0 copy of an original that was itself Q8_0: nothing to correct
+            log.info("%s (%s) reproduces the HF weights exactly: no adapter for it", name, base.tensor(name).qtype.name)
+            continue
         r = min(rank, *wq.shape)
         if name == TOKEN_EMBD:
             weights = stats.row_weights(smoothing)[: wq.shape[0]]

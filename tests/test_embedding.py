@@ -314,3 +314,24 @@ def test_peft_export_of_token_embd_and_lm_head(tmp_path):
                        atol=1e-5)
     b, a = factors["output.weight"]
     assert np.allclose(merged.lm_head.weight.detach().double().numpy(), o0.numpy() + b @ a, atol=1e-5)
+
+
+def test_solve_gguf_skips_a_tensor_stored_without_error(tmp_path):
+    """The demo SmolLM2's original embedding was Q8_0 already, so its Q8_0 copy has no error: no pair for it."""
+    from safetensors.torch import save_file
+
+    base, extra = with_embeddings(tmp_path, tied=False)
+    e32 = torch.from_numpy(extra["token_embd.weight"].astype(np.float32))
+    o32 = torch.from_numpy(extra["output.weight"].astype(np.float32))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file({"model.embed_tokens.weight": e32 + 0.01 * torch.randn(e32.shape, generator=g),
+               "lm_head.weight": o32.clone()}, str(hf / "model.safetensors"))
+    st = embedding.EmbeddingStats(torch.arange(V, dtype=torch.float64), torch.eye(e32.shape[1], dtype=torch.float64),
+                                  1)
+    with open_gguf(base) as m:
+        sols, rows = embedding.solve_gguf(hf, m, st, 4)
+    assert set(sols) == {"token_embd.weight"} and rows["token_embd.weight"]["qtype"] == "F32"
+    assert rows["token_embd.weight"]["rel_err_after"] < rows["token_embd.weight"]["rel_err_before"]
+    assert sols["token_embd.weight"].b.shape == (V, 4)
