@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quants", default="Q2_K,Q3_K_M")
     p.add_argument("--ranks", default="8,32,128")
     p.add_argument("--smoothing", default="0,1")
+    p.add_argument("--lever-quants", default=None, help="quants for the tied-embedding type lever (default --quants)")
+    p.add_argument("--brief", action="store_true", help="no single-tensor rows (token_embd or output alone)")
+    p.add_argument("--resume", action="store_true", help="append to the rows of an existing output file")
     p.add_argument("--smoothing-study", type=Path, metavar="OUT.json",
                    help="only the held-out study of the token-count smoothing (after a main run)")
     args = p.parse_args(argv)
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                  "calibration": "demo,stories 64x512", "adapter_type": "f16", "rows": [], "types": {},
                  "seconds": {}}
     quants = args.quants.split(",")
+    lever_quants = (args.lever_quants or args.quants).split(",")
+    if args.resume and args.output.is_file():
+        out = json.loads(args.output.read_text())
     ranks = [int(r) for r in args.ranks.split(",")]
     smoothing = [float(a) for a in args.smoothing.split(",")]
 
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         st.save(stats_file)
         embedding.collect(hf, ids, hidden).save(emb_file)
         del hidden
-    out["seconds"]["calibrate"] = round(time.perf_counter() - t0, 1)
+        out["seconds"]["calibrate"] = round(time.perf_counter() - t0, 1)
     stats = calibration.CalibrationStats.load(stats_file)
     est = embedding.EmbeddingStats.load(emb_file)
     est_counts = est.counts
@@ -195,6 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     un_stats = calibration.CalibrationStats(stats.covariances, stats.n_tokens, stats.module_sites,
                                             {**stats.meta, "model": calibration.model_identity(un_hf)})
 
+    # the tied embedding's type as a byte lever (token_embd is quantized as the output tensor when tied)
+    for q in lever_quants:
+        for t in ("q5_0", "q4_0"):
+            lf = work / f"{q}-embd-{t}.gguf"
+            if not lf.exists():
+                llamacpp.quantize(llama, f16, lf, q, extra_args=["--output-tensor-type", t])
+            out["types"][f"{q} --output-tensor-type {t}"] = tensor_table(lf)
+            row(f"{q} tied embd {t}", lf)
+            blk = work / f"{q}-embd-{t}-blk-r32.gguf"
+            comp.compensate(hf, lf, blk, rank=32, stats=stats)
+            row(f"{q} tied embd {t} + blk r32", lf, [blk])
     for q in quants:
         # stock (tied)
         qf = work / f"{q}.gguf"
@@ -231,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     for which in (("token_embd.weight", "output.weight"), ("token_embd.weight",),
                                   ("output.weight",)):
-                        if (len(which) == 1 and r != 32) or (len(which) == 1 and alpha != 0):
+                        if len(which) == 1 and (r != 32 or alpha != 0 or args.brief):
                             continue
                         factors = dict(blk_factors)
                         factors.update({n: sols[n].truncate(r) for n in which})
@@ -242,17 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                         row(f"untied {q} + blk r32 + {tag} r{r} (alpha {alpha:g})", uq, [path], tied=False,
                             embedding_rank=r, smoothing=alpha, tensors=list(which))
 
-    # the tied embedding's type as a byte lever (token_embd is quantized as the output tensor when tied)
-    for q in quants:
-        for t in ("q5_0", "q4_0"):
-            lf = work / f"{q}-embd-{t}.gguf"
-            if not lf.exists():
-                llamacpp.quantize(llama, f16, lf, q, extra_args=["--output-tensor-type", t])
-            out["types"][f"{q} --output-tensor-type {t}"] = tensor_table(lf)
-            row(f"{q} tied embd {t}", lf)
-            blk = work / f"{q}-embd-{t}-blk-r32.gguf"
-            comp.compensate(hf, lf, blk, rank=32, stats=stats)
-            row(f"{q} tied embd {t} + blk r32", lf, [blk])
     save()
     return 0
 
