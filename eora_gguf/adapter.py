@@ -8,6 +8,12 @@ general.architecture = the base's, adapter.type = "lora", adapter.lora.alpha (fl
 tensors `<name>.lora_a` (numpy (r, n_in), ggml ne [n_in, r]) and `<name>.lora_b` (numpy (n_out, r)). The runtime
 scale is user_scale·alpha/r (r read from lora_b), or user_scale when alpha is 0; EoRA needs 1, so alpha = r
 when every tensor has rank r and 0 otherwise.
+
+token_embd.weight (numpy (V, d)) is the exception: llama.cpp's build_inp_embd takes get_rows(lora_a, tokens) and
+multiplies by lora_b, so for ΔE ≈ B A (B (V, r), A (r, d)) the file holds lora_a = B (numpy (V, r), ne [r, V])
+and lora_b = Aᵀ (numpy (d, r), ne [r, d]); the loader checks base ne[0] = lora_b ne[1] and base ne[1] =
+lora_a ne[1]. On a tied model (no output.weight) llama.cpp also looks the pair up for the output head, where
+that layout cannot multiply (ggml aborts), so the checker refuses it there (see embedding.py).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from .embedding import EMBEDDING_TENSORS, TOKEN_EMBD, hf_module
 from .errors import EoraError, atomic_output
 from .gguf_io import GGUFModel, open_gguf
 from .naming import NameMap
@@ -154,8 +161,9 @@ def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str
         for key, value in (metadata or {}).items():
             _add_metadata(writer, key, value)
         for name, (b, a) in pairs.items():
-            _add_tensor(writer, f"{name}.lora_a", a, ADAPTER_DTYPES[types[name]])
-            _add_tensor(writer, f"{name}.lora_b", b, ADAPTER_DTYPES[types[name]])
+            file_a, file_b = (b, a.T) if _is_token_embd(name) else (a, b)
+            _add_tensor(writer, f"{name}.lora_a", file_a, ADAPTER_DTYPES[types[name]])
+            _add_tensor(writer, f"{name}.lora_b", file_b, ADAPTER_DTYPES[types[name]])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -190,7 +198,10 @@ def read_gguf_lora(adapter: str | os.PathLike[str]) -> tuple[LoraInfo, dict[str,
     model = GGUFModel(adapter)
     try:
         info, pairs = _pairs(model)
-        out = {name: (model.dequantize(tb), model.dequantize(ta)) for name, (ta, tb) in pairs.items()}
+        out = {}
+        for name, (ta, tb) in pairs.items():
+            fa, fb = model.dequantize(ta), model.dequantize(tb)
+            out[name] = (fa, np.ascontiguousarray(fb.T)) if _is_token_embd(name) else (fb, fa)
     finally:
         model.close()
     return info, out
@@ -208,8 +219,14 @@ def _check(path: Path, base: GGUFModel, require_unit_scale: bool) -> LoraInfo:
                 raise EoraError(f"{path.name}: LoRA tensor {name!r} does not exist in base model "
                                 f"{base.path.name}: it was made for another model")
             w, a, b = base.tensor(name).ne, model.tensor(ta).ne, model.tensor(tb).ne
-            if name.endswith("token_embd.weight"):
+            if _is_token_embd(name):
                 ok = w[0] == b[1] and w[1] == a[1]
+                if ok and a[0] != b[0]:
+                    raise EoraError(f"{path.name}: {ta} ne {list(a)} and {tb} ne {list(b)} disagree on the rank")
+                if ok and "output.weight" not in base:
+                    raise EoraError(f"{path.name}: {name} is tied to the output head in {base.path.name} (no "
+                                    "output.weight); llama.cpp would apply this LoRA there too and abort: "
+                                    "drop the token_embd pair")
             else:
                 ok = w[0] == a[0] and w[1] == b[1]
                 if ok and a[1] != b[0]:
@@ -271,6 +288,10 @@ def _pairs(model: GGUFModel) -> tuple[LoraInfo, dict[str, tuple[str, str]]]:
     return info, pairs
 
 
+def _is_token_embd(name: str) -> bool:
+    return name.endswith("token_embd.weight")  # the loader's own test (llama-adapter.cpp)
+
+
 def _check_pair(name: str, b: Any, a: Any) -> tuple[np.ndarray, np.ndarray]:
     b, a = _numpy(b), _numpy(a)
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
@@ -327,7 +348,10 @@ def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap
     """Write a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) that loads with scale 1.
 
     factors are keyed by GGUF name in GGUF row order, as for `write_gguf_lora`; B rows are put back into HF
-    order (the llama Q/K permutation undone). Keys: `base_model.model.<hf module>.lora_A.weight` (r, in) and
+    order (the llama Q/K permutation undone). output.weight becomes `lm_head` (a Linear); token_embd.weight
+    becomes PEFT's Embedding LoRA on `model.embed_tokens`: lora_embedding_A = Bᵀ (r, V), lora_embedding_B = Aᵀ
+    (d, r), since PEFT adds (lora_embedding_B @ lora_embedding_A)ᵀ·scale to the (V, d) embedding.
+    Keys: `base_model.model.<hf module>.lora_A.weight` (r, in) and
     `.lora_B.weight` (out, r). lora_alpha = r (the most common rank); other ranks go in rank_pattern with an
     equal alpha_pattern entry, so every module's scale alpha/r is 1.
     """
@@ -343,8 +367,17 @@ def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap
     ranks: dict[str, int] = {}
     for gguf_name, (b, a) in factors.items():
         b, a = _check_pair(gguf_name, b, a)
-        module = names.to_hf(gguf_name)
-        b_hf = names.gguf_to_hf_rows(module, b)
+        if gguf_name in EMBEDDING_TENSORS:
+            module = hf_module(gguf_name, names.hf_prefix)
+            if gguf_name == TOKEN_EMBD:  # PEFT's Embedding: ΔE = (lora_embedding_B @ lora_embedding_A)ᵀ
+                tensors[f"base_model.model.{module}.lora_embedding_A"] = np.ascontiguousarray(b.T, dtype=np.float32)
+                tensors[f"base_model.model.{module}.lora_embedding_B"] = np.ascontiguousarray(a.T, dtype=np.float32)
+                ranks[module] = a.shape[0]
+                continue
+            b_hf = b
+        else:
+            module = names.to_hf(gguf_name)
+            b_hf = names.gguf_to_hf_rows(module, b)
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
         tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b_hf, dtype=np.float32)
         ranks[module] = a.shape[0]

@@ -267,7 +267,8 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
         calib=None if args.stats else args.calib, stats=args.stats, samples=args.samples, seqlen=args.seqlen,
         propagate=args.propagate, adapter_type=adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor,
         budget=args.budget, solution_out=args.solution, importance_weights=not args.no_importance,
-        allow_mismatch=args.allow_mismatch)
+        allow_mismatch=args.allow_mismatch, embeddings=args.embeddings,
+        embedding_smoothing=args.embedding_smoothing)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -480,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-mismatch", action="store_true",
                     help="compensate a GGUF whose weights differ from the HF model's by more than quantization does "
                          "(refused by default: it is most likely another model's GGUF)")
+    sp.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=False,
+                    help="also compensate token_embd and output where llama.cpp can apply a LoRA (untied models; "
+                         "needs --calib); default off")
+    sp.add_argument("--embedding-smoothing", type=float, default=0.0, metavar="ALPHA",
+                    help="pseudo-count added to every token's calibration count for token_embd (default 0)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
     sp = verb("adapt", cmd_adapt, "write the adapter a byte budget buys from a saved solve (compensate --budget "

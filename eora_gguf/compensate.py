@@ -19,7 +19,7 @@ import torch
 
 from . import adapter as adapter_io
 from . import budget as budget_mod
-from . import calib_data, calibration, eora, importance
+from . import calib_data, calibration, embedding, eora, importance
 from .errors import EoraError, check_writable, staged_outputs
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
@@ -212,7 +212,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                batch_size: int = 8, also: dict[int, str | os.PathLike[str]] | None = None,
                tokenizer=None, budget: budget_mod.Budget | str | None = None,
                solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True,
-               allow_mismatch: bool = False) -> Report:
+               allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
+               embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -228,6 +229,10 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     among budget.AUTO_TYPES; the default with a budget, F16 without); solution_out keeps that solve for `adapt` with
     other budgets.
     allow_mismatch: skip `check_same_model` (a GGUF whose weights are far from the HF model's).
+    embeddings: also compensate token_embd.weight and output.weight where llama.cpp can apply a LoRA to them
+    (embedding.py; a tied token_embd cannot be), at `rank` (capped at the hidden size), with token counts
+    smoothed by `embedding_smoothing` pseudo-counts; `embedding_stats` (an EmbeddingStats or its file) reuses
+    statistics, otherwise they come from this run's calibration (not from `stats`). One rank for all (no budget).
     """
     if adapter_type is None:
         adapter_type = "f16" if budget is None and solution_out is None else "auto"
@@ -237,7 +242,10 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         return _compensate_rank(hf_dir, gguf_path, out, rank=rank, method=method, calib=calib, stats=stats,
                                 samples=samples, seqlen=seqlen, propagate=propagate, adapter_type=adapter_type,
                                 peft_dir=peft_dir, eig_floor=eig_floor, batch_size=batch_size, also=also,
-                                tokenizer=tokenizer, allow_mismatch=allow_mismatch)
+                                tokenizer=tokenizer, allow_mismatch=allow_mismatch, embeddings=embeddings,
+                                embedding_smoothing=embedding_smoothing, embedding_stats=embedding_stats)
+    if embeddings:
+        raise EoraError("--embeddings goes with --rank (one rank for every tensor), not with --budget")
     if also:
         raise EoraError("--budget chooses the ranks itself: extra ranks (also) do not apply")
     spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
@@ -294,7 +302,7 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
             check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=max_rank, eig_floor=eig_floor,
                          budget_types=tuple(adapter_types))
-        calib_meta, ids = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
+        calib_meta, ids, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
                                propagate="original", batch_size=batch_size, tokenizer=tokenizer)
         t_solve = time.perf_counter() - t_start
         sol = solver.solution
@@ -413,8 +421,10 @@ def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str
 
 def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
          stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
-         propagate: str, batch_size: int, tokenizer) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Stream calibration through the model (or reuse statistics), solving each layer; (calibration info, ids)."""
+         propagate: str, batch_size: int, tokenizer, return_hidden: bool = False
+         ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    """Stream calibration through the model (or reuse statistics), solving each layer; (calibration info, ids,
+    the last decoder layer's outputs when return_hidden)."""
     if stats is not None:
         if propagate == "compensated":
             raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
@@ -422,7 +432,7 @@ def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
         st.check_model(hf)
         for bid in range(names.dims.n_layers):
             solver.layer(st, st.modules(bid))
-        return {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}, None
+        return {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}, None, None
     if calib is None:
         raise EoraError("give calibration data (--calib) or statistics (--stats)")
     ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
@@ -431,10 +441,10 @@ def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
         weights = solver.layer(layer_stats, layer_stats.modules(i))
         return weights if propagate == "compensated" else {}
 
-    calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
-                       keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
-                       return_hidden=False)
-    return {"calibration": calib, "calib_tokens": int(ids.numel())}, ids
+    _, hidden = calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
+                                   keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
+                                   return_hidden=return_hidden)
+    return {"calibration": calib, "calib_tokens": int(ids.numel())}, ids, hidden
 
 
 def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
@@ -442,7 +452,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                      stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
                      propagate: str, adapter_type: str, peft_dir: str | os.PathLike[str] | None, eig_floor: float,
                      batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer,
-                     allow_mismatch: bool = False) -> Report:
+                     allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
+                     embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None) -> Report:
     """One rank for every tensor (see `compensate`)."""
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -474,8 +485,19 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
             check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=rank, eig_floor=eig_floor)
         t0 = time.perf_counter()
-        calib_meta, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
-                             propagate=propagate, batch_size=batch_size, tokenizer=tokenizer)
+        calib_meta, ids, hidden = _run(solver, hf, names, calib=calib, stats=stats, samples=samples,
+                                       seqlen=seqlen, propagate=propagate, batch_size=batch_size, tokenizer=tokenizer,
+                                       return_hidden=embeddings and embedding_stats is None and stats is None)
+        est = _embedding_stats(embeddings, embedding_stats, ids, hidden, hf)
+        del hidden
+        if est is not None:
+            t1 = time.perf_counter()
+            sols, rows = embedding.solve_gguf(hf, base, est, rank, smoothing=embedding_smoothing,
+                                              eig_floor=eig_floor, hf_prefix=names.hf_prefix)
+            solver.factors.update({n: (s.b.to(torch.float32).numpy(), s.a.to(torch.float32).numpy())
+                                   for n, s in sols.items()})
+            solver.tensors.update(rows)  # type: ignore[arg-type]
+            solver.solve_seconds += time.perf_counter() - t1
         t_cal = time.perf_counter() - t0
         arch = base.meta.arch
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
@@ -498,6 +520,20 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                     meta={"propagate": propagate, "adapter_bytes": Path(path).stat().st_size,
                           "adapter_type": adapter_type, **calib_meta})
     return report
+
+
+def _embedding_stats(wanted: bool, given: embedding.EmbeddingStats | str | os.PathLike[str] | None,
+                     ids: torch.Tensor | None, hidden: torch.Tensor | None, hf: Path
+                     ) -> embedding.EmbeddingStats | None:
+    """The statistics the embedding solvers need, when `wanted`: given, or from this run's ids and hidden states."""
+    if not wanted:
+        return None
+    if given is not None:
+        return given if isinstance(given, embedding.EmbeddingStats) else embedding.EmbeddingStats.load(given)
+    if ids is None:
+        raise EoraError("compensating the embeddings needs calibration text (--calib) or embedding statistics, "
+                        "not only --stats")
+    return embedding.collect(hf, ids, hidden)
 
 
 def n_params(gguf_path: str | os.PathLike[str]) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .embedding import EMBEDDING_TENSORS, hf_module
 from .errors import EoraError
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import NameMap, arch_enum
@@ -114,6 +115,16 @@ def _add_adapter(values: dict[str, torch.Tensor], adapter: str | os.PathLike[str
     if info.arch != base_arch:
         raise EoraError(f"{Path(adapter).name} is a {info.arch} adapter, the base is {base_arch}")
     for gname, (b, a) in factors.items():
+        if gname in EMBEDDING_TENSORS:  # (V, d) in both files; a trimmed vocabulary keeps the first V rows
+            key = hf_module(gname, names.hf_prefix) + ".weight"
+            if key not in values:
+                raise EoraError(f"{Path(adapter).name} adapts {gname}, which this model lacks ({key})")
+            w = values[key]
+            delta = info.scale(gname) * (torch.from_numpy(b).double() @ torch.from_numpy(a).double())
+            values[key] = w.double().clone()
+            values[key][:delta.shape[0]] += delta
+            values[key] = values[key].to(w.dtype)
+            continue
         module = names.to_hf(gname)  # EoraError for a LoRA on anything but the adapted linears
         key = module + ".weight"
         w = values[key]

@@ -57,12 +57,13 @@ def load_tokenizer(hf_dir: Path):
     return LlamaTokenizer.from_pretrained(hf_dir)
 
 
-def build_tiny_model(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
-    """Random `arch` model (2 layers, hidden 256, ffn 512) saved with save_pretrained into out_dir."""
+def build_tiny_model(arch: str, out_dir: Path, *, seed: int = 0, tied: bool = False) -> Path:
+    """Random `arch` model (2 layers, hidden 256, ffn 512) saved with save_pretrained into out_dir; `tied`: the
+    output head shares the embedding matrix (no lm_head.weight saved, no output.weight in the GGUF)."""
     import torch
     import transformers as tf
 
-    common = dict(DIMS, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    common = dict(DIMS, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
     if arch == "llama":
         config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
     elif arch == "qwen2":
