@@ -7,13 +7,17 @@
    calibration (`calibration.collect_stats` on the HF model) and `imatrix.write_imatrix`.
 3. Per weight: cosine similarity of the importance vectors (in_sum2 / counts), min/mean per tensor kind; counts.
    llama-imatrix's own loader reads our file (`--in-file ours --show-statistics`).
-4. llama-quantize to each `--types` with no imatrix, ours, theirs (text 1) and theirs (text 2): the imatrix line it
-   prints, how many tensors differ from the plain quantization, then mean KLD / top-1 agreement / PPL to the F16
-   model on held-out text (`llama-perplexity --kl-divergence`, `--eval-chunks` x 512 tokens of LAMBADA).
-5. Noise: llama-imatrix twice on the same text and the same quantization twice (llama.cpp's CPU path is
-   deterministic, so run-to-run noise is checked for being zero), and the data noise: theirs on text 1 vs theirs on
-   text 2 (same size, disjoint text). "ours vs theirs" is within noise when |KLD(ours) - KLD(theirs, text 1)| is
-   below |KLD(theirs, text 1) - KLD(theirs, text 2)|; the KLD standard errors llama-perplexity prints are recorded.
+4. llama-quantize to each `--types` with no imatrix, ours, theirs (text 1, two thread counts) and theirs (text 2):
+   the imatrix line it prints, how many weights differ from the plain quantization, then mean KLD / top-1
+   agreement / PPL to the F16 model on held-out text (`llama-perplexity --kl-divergence`, `--eval-chunks` x 512
+   tokens of LAMBADA).
+5. Noise. llama.cpp's CPU path repeats itself bit for bit (checked: llama-imatrix twice, and at another thread
+   count; the same quantization twice), so run-to-run noise is zero and two other noises are measured instead:
+   perturbation noise, the KLD spread of quantizations made with llama-imatrix's file multiplied element-wise by
+   exp(eps * N(0, 1)) with eps the measured spread of log(ours / theirs) (`--perturb` seeds): how much KLD moves
+   for an imatrix change as small as the one between ours and theirs; and data noise,
+   |KLD(theirs, text 1) - KLD(theirs, text 2)| (same size, disjoint text). The KLD standard errors
+   llama-perplexity prints are recorded too. Outputs are cached in --workdir; a rerun redoes only what is missing.
 
     nice -n 10 python tools/imatrix_check.py [--workdir DIR] [--chunks 64] [--eval-chunks 16] [--threads 2]
 
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=16, help="KLD chunks of 512 tokens (default 16)")
     ap.add_argument("--types", default="Q2_K,Q3_K_M,Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--perturb", type=int, default=2, help="perturbed copies of llama-imatrix's file (default 2)")
     ap.add_argument("-o", "--output", default="docs/imatrix_check.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -180,20 +185,33 @@ def main(argv: list[str] | None = None) -> int:
     short = [llama_imatrix(llama, f16, texts[0], work / f"rerun{k}.gguf", ctx=args.ctx, chunks=2,
                            threads=args.threads) for k in (1, 2)]
     rerun_identical = short[0]["sha256"] == short[1]["sha256"]
+    # does llama-imatrix's result depend on the thread count (float rounding)?
+    alt = 1 if args.threads != 1 else 2
+    theirs_alt = work / f"theirs1-t{alt}.gguf"
+    runs["theirs1_alt_threads"] = llama_imatrix(llama, f16, texts[0], theirs_alt, ctx=args.ctx, chunks=args.chunks,
+                                                threads=alt)
 
     # ours on exactly llama-imatrix's token windows of text 1
-    t = time.perf_counter()
-    ids = im.llama_imatrix_windows(llama, f16, texts[0], ctx=args.ctx, chunks=args.chunks, threads=args.threads)
-    seconds["tokens"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stats = calibration.collect_stats(hf, torch.from_numpy(ids), batch_size=8)
-    seconds["our_calibration"] = time.perf_counter() - t
-    ours = work / "ours1.gguf"
-    names = NameMap.from_config(compensate.load_config(hf))
-    im.write_imatrix(stats, names, ours, datasets=[texts[0].name])
+    ours, ours_meta = work / "ours1.gguf", work / "ours1.json"
+    if not (ours.exists() and ours_meta.exists()):
+        t = time.perf_counter()
+        ids = im.llama_imatrix_windows(llama, f16, texts[0], ctx=args.ctx, chunks=args.chunks,
+                                       threads=args.threads)
+        t_tokens = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = calibration.collect_stats(hf, torch.from_numpy(ids), batch_size=8)
+        t_calib = time.perf_counter() - t
+        names = NameMap.from_config(compensate.load_config(hf))
+        im.write_imatrix(stats, names, ours, datasets=[texts[0].name])
+        ours_meta.write_text(json.dumps({"tokens": t_tokens, "our_calibration": t_calib,
+                                         "windows_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+                                         "windows_shape": list(ids.shape)}))
+    cached = json.loads(ours_meta.read_text())
+    seconds["tokens"], seconds["our_calibration"] = cached["tokens"], cached["our_calibration"]
     a, b, b2 = im.read_imatrix(ours), im.read_imatrix(theirs[0]), im.read_imatrix(theirs[1])
     match = {"ours_vs_theirs_same_tokens": summarize(im.compare(a, b)),
              "theirs_text1_vs_theirs_text2": summarize(im.compare(b, b2)),
+             "theirs_vs_theirs_other_thread_count": summarize(im.compare(b, im.read_imatrix(theirs_alt))),
              "weights_only_in_ours": sorted(set(a.sums) - set(b.sums)),
              "weights_only_in_theirs": sorted(set(b.sums) - set(a.sums)),
              "metadata": {"ours": [a.chunk_count, a.chunk_size], "theirs": [b.chunk_count, b.chunk_size]}}
@@ -210,25 +228,48 @@ def main(argv: list[str] | None = None) -> int:
                                                       chunks=args.eval_chunks, threads=args.threads),
                            "--kl-divergence-base", base], "llama-perplexity --kl-divergence-base")
     seconds["kld_base"] = time.perf_counter() - t
-    imatrices = {"none": None, "ours": ours, "theirs": theirs[0], "theirs_text2": theirs[1]}
+    logs = np.concatenate([np.log(a.importance(n).ravel() / b.importance(n).ravel()) for n in a.sums
+                           if np.all(a.importance(n) > 0) and np.all(b.importance(n) > 0)])
+    eps = float(logs.std())
+    match["log_ratio_ours_theirs"] = {"std": eps, "mean": float(logs.mean()), "max_abs": float(np.abs(logs).max())}
+    imatrices = {"none": None, "ours": ours, "theirs": theirs[0], "theirs_alt_threads": theirs_alt,
+                 "theirs_text2": theirs[1]}
+    for k in range(1, args.perturb + 1):
+        rng = np.random.default_rng(k)
+        pert = im.Imatrix(datasets=b.datasets, chunk_count=b.chunk_count, chunk_size=b.chunk_size, counts=b.counts,
+                          sums={n: (v * np.exp(eps * rng.standard_normal(v.shape))).astype(np.float32)
+                                for n, v in sorted(b.sums.items())})
+        imatrices[f"theirs_perturbed{k}"] = pert.save(work / f"theirs1-perturbed{k}.gguf")
     quants: dict[str, dict] = {}
     t = time.perf_counter()
     for qtype in args.types.split(","):
         row: dict[str, dict] = {}
         for label, imx in imatrices.items():
-            q = work / f"{qtype}-{label}.gguf"
+            q, cache = work / f"{qtype}-{label}.gguf", work / f"{qtype}-{label}.json"
+            key = sha256(imx) if imx else None
+            if cache.exists() and json.loads(cache.read_text()).get("imatrix_sha256", "-") == key:
+                row[label] = json.loads(cache.read_text())
+                continue
             row[label] = quantize(llama, f16, q, qtype, imx, args.threads)
+            row[label]["imatrix_sha256"] = key
             if label != "none":
                 row[label]["vs_none"] = tensors_differing(work / f"{qtype}-none.gguf", q, set(a.sums))
             row[label].update(kld(llama, q, eval_text, base, chunks=args.eval_chunks, threads=args.threads))
+            cache.write_text(json.dumps(row[label]))
             log.info("%s %s: KLD %.4f", qtype, label, row[label]["kld"])
         again = quantize(llama, f16, work / f"{qtype}-ours-again.gguf", qtype, ours, args.threads)
         row["ours"]["requantize_identical"] = again["sha256"] == row["ours"]["sha256"]
         (work / f"{qtype}-ours-again.gguf").unlink()
         d_impl = abs(row["ours"]["kld"] - row["theirs"]["kld"])
+        d_run = abs(row["theirs"]["kld"] - row["theirs_alt_threads"]["kld"])
         d_data = abs(row["theirs"]["kld"] - row["theirs_text2"]["kld"])
-        row["verdict"] = {"abs_kld_ours_minus_theirs": d_impl, "abs_kld_text1_minus_text2": d_data,
-                          "within_noise": d_impl < d_data}
+        d_pert = [abs(row["theirs"]["kld"] - row[f"theirs_perturbed{k}"]["kld"]) for k in range(1, args.perturb + 1)]
+        row["verdict"] = {"abs_kld_ours_minus_theirs": d_impl, "abs_kld_llama_imatrix_thread_counts": d_run,
+                          "abs_kld_theirs_minus_perturbed": d_pert, "abs_kld_text1_minus_text2": d_data,
+                          "kld_standard_error_theirs": row["theirs"]["kld_se"],
+                          "within_perturbation_noise": bool(d_pert) and d_impl <= max(d_pert),
+                          "within_data_noise": d_impl <= d_data,
+                          "within_standard_error": d_impl <= row["theirs"]["kld_se"]}
         quants[qtype] = row
     seconds["quantize_and_kld"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
@@ -243,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                               for p in texts},
         "eval_text": {"name": "eval (LAMBADA)", "chunks": args.eval_chunks, "ctx": 512},
         "imatrix_chunks": args.chunks, "ctx": args.ctx,
-        "token_windows_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        "token_windows": {"sha256": cached["windows_sha256"], "shape": cached["windows_shape"]},
         "llama_imatrix_runs": runs, "llama_imatrix_rerun_identical": rerun_identical,
+        "llama_imatrix_thread_count_identical": runs["theirs1"]["sha256"] == runs["theirs1_alt_threads"]["sha256"],
         "match": match, "quants": quants, "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "commands": {
             "ours": "imatrix.llama_imatrix_windows(f16, calib1.txt, ctx, chunks) -> calibration.collect_stats(hf, "
