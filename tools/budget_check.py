@@ -88,10 +88,21 @@ def main() -> int:
     ap.add_argument("--sizes", default="16:q8_0,64:q4_0", help="uniform (rank:type) runs per base")
     ap.add_argument("--type-rank", type=int, default=32)
     ap.add_argument("--skip-fisher-check", action="store_true")
+    ap.add_argument("--fisher-only", action="store_true",
+                    help="only the Fisher check, on the solution already in --work; its rows go to -o")
+    ap.add_argument("--fisher-tensors", default="blk.0.attn_v.weight,blk.0.ffn_down.weight,blk.10.attn_q.weight,"
+                    "blk.15.ffn_up.weight,blk.29.ffn_down.weight,blk.29.attn_output.weight")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
     work = args.work
+    picks = args.fisher_tensors.split(",")
+    if args.fisher_only:
+        q0 = args.bases.split(",")[0]
+        rows = fisher_check(assets.demo_model_dir(), work / f"{q0}.gguf",
+                            B.Solution.load(work / f"solution-{q0}.safetensors"), picks)
+        args.output.write_text(json.dumps({"base": q0, "rows": rows}, indent=1) + "\n")
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     llama = llamacpp.locate()
     hf, text = assets.demo_model_dir(), assets.text_file("eval")
@@ -191,7 +202,7 @@ def main() -> int:
 
     # 3. the Fisher estimate against injected errors on a few tensors
     if not args.skip_fisher_check:
-        result["fisher_check"] = fisher_check(hf, work / f"{q0}.gguf", sols[q0], stats)
+        result["fisher_check"] = fisher_check(hf, work / f"{q0}.gguf", sols[q0], picks)
         save()
     return 0
 
@@ -204,15 +215,14 @@ def _by_module(tensors: dict) -> dict:
     return {k: round(sum(v) / len(v), 1) for k, v in sorted(kinds.items())}
 
 
-def fisher_check(hf: Path, qpath: Path, sol: B.Solution, stats: CalibrationStats) -> list[dict]:
+def fisher_check(hf: Path, qpath: Path, sol: B.Solution, picks: list[str]) -> list[dict]:
+    """The solution's Fisher KL of each picked tensor against injecting its error alone (same 16 x 128 tokens)."""
     from transformers import AutoModelForCausalLM
 
     names = NameMap.from_config(comp.load_config(hf))
     ids = comp.calibration_ids(hf, "demo,stories", samples=16, seqlen=128)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     params = dict(model.named_parameters())
-    picks = ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "blk.10.attn_q.weight", "blk.15.ffn_up.weight",
-             "blk.29.ffn_down.weight", "blk.29.attn_output.weight"]
     rows = []
     with open_gguf(qpath) as base:
         for g in picks:
