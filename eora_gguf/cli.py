@@ -365,7 +365,8 @@ def cmd_ladder(args: argparse.Namespace) -> dict:
                      text=assets.text_file(args.text), types=types, ctx=args.ctx, chunks=args.chunks,
                      threads=args.threads, bases_per_rung=args.bases_per_rung,
                      embedding_types=[e for e in (args.embedding_types or "").split(",") if e.strip()],
-                     refine_iterations=args.refine,
+                     refine_iterations=args.refine, adapter_type=args.adapter_type,
+                     pairs_for=[t for t in (args.pairs_for or "").split(",") if t.strip()] or None,
                      verbose=args.verbose)
     if args.json:
         return res
@@ -573,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refine", type=int, default=0, metavar="N",
                     help="joint base + adapter: re-quantize W - BA and re-solve N times for each rung's best pair, "
                          "keeping every measured iterate (default 0)")
+    sp.add_argument("--pairs-for", metavar="T1,T2", help="search pairs only at these rungs (default: every rung)")
+    sp.add_argument("--adapter-type", default="auto",
+                    help="adapter storage: auto (the budget chooses among f16, q8_0, q5_1, q5_0, q4_1, q4_0) or one")
     sp.add_argument("--bases-per-rung", type=int, default=2,
                     help="pairs tried per rung: the N largest bases below it (per embedding type; default 2)")
     sp.add_argument("--ctx", type=int, default=512)

@@ -203,10 +203,13 @@ def budget_pair_maker(hf_dir: Path, stats_file: Path, *, adapter_type: str = "au
         info = stem.with_name(f"{stem.name}-{method}-budget.json")
         if out.is_file() and info.is_file():
             return [out], json.loads(info.read_text())
-        sol = base.with_name(f"{base.stem}.{method}-solution.safetensors")
+        full = base.with_name(f"{base.stem}.{method}-solution.safetensors")  # every storage type: serves all
+        sol = full if adapter_type == "auto" or full.is_file() else \
+            base.with_name(f"{base.stem}.{method}-{adapter_type}-solution.safetensors")
         if not sol.is_file():
             log.info("solving %s against %s (once for every budget)", method, base.name)
-            compensate.solve(hf_dir, base, method=method, stats=stats_file).save(sol)
+            compensate.solve(hf_dir, base, method=method, stats=stats_file,
+                             adapter_types=compensate._budget_types(adapter_type)).save(sol)
         try:
             rep = compensate.adapt(sol, base, out, Budget("adapter", budget), adapter_type=adapter_type)
         except EoraError as e:
@@ -261,13 +264,15 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
 def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen: int, text: Path,
                types: Sequence[str] = DEFAULT_TYPES, ctx: int = 512, chunks: int | None = 32,
                threads: int | None = None, bases_per_rung: int = 2, embedding_types: Sequence[str] = (),
-               refine_iterations: int = 0, make_pair: PairMaker | None = None, imatrix_file: Path | None = None,
-               verbose: bool = False) -> dict:
+               refine_iterations: int = 0, pairs_for: Sequence[str] | None = None, adapter_type: str = "auto",
+               make_pair: PairMaker | None = None, imatrix_file: Path | None = None, verbose: bool = False) -> dict:
     """The whole ladder; returns the content of ladder.json (also written, with ladder.md and ladder.png).
 
     embedding_types: also offer bases whose token embedding is stored in these types (llama-quantize
     --token-embedding-type, e.g. q5_0): each such base is measured alone too (a stock llama-quantize product, not
     a rung of its own) so that the adapter's share of a pair's gain can be read off.
+    pairs_for: search pairs only at these rungs' sizes (default: every rung); adapter_type: the adapters' storage
+    types the budget chooses among ("auto": all of budget.AUTO_TYPES, or one type).
     refine_iterations: then alternate quantize ↔ solve (refine.py) that many times on each rung's best pair; every
     iterate is measured and becomes a row; per-iteration KLD and seconds go to result["refinement"].
     """
@@ -341,8 +346,12 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
             rows.append(Row(label(t, im, emb), "stock", im, [rel(q, out_dir)], q.stat().st_size, m["kld"], m["ppl"],
                             m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
                                         "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"]}))
-    make_pair = make_pair or budget_pair_maker(hf_dir, stats_file)
-    sizes = sorted({q.stat().st_size for (t, im, emb), q in quants.items() if not emb})
+    make_pair = make_pair or budget_pair_maker(hf_dir, stats_file, adapter_type=adapter_type)
+    targets = [t.upper() for t in pairs_for] if pairs_for else types
+    unknown = sorted(set(targets) - set(types))
+    if unknown:
+        raise EoraError(f"--pairs-for {unknown[0]} is not one of the ladder's --types")
+    sizes = sorted({q.stat().st_size for (t, im, emb), q in quants.items() if not emb and t in targets})
     with step("pairs"):
         for size in sizes:
             for emb in ["", *embedding_types]:
