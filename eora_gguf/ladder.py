@@ -117,6 +117,8 @@ def markdown(result: dict) -> str:
              "disjoint from the evaluation text.",
              f"- Bytes: GGUF file + adapter files. F16: {rows[0]['bytes'] / 1e6:.1f} MB, perplexity "
              f"{rows[0]['ppl']:.3f}.", "", "![KL divergence against total bytes](ladder.png)", "",
+             *([] if result.get("complete", True) else
+               ["**Partial run:** the ladder was interrupted; the rows below are the ones it finished.", ""]),
              "## Per rung: the best eora-gguf pair of no more bytes", "",
              "| rung | MB | KLD plain | KLD imatrix | best pair | pair MB | pair KLD | ppl imatrix | pair ppl | "
              "beats imatrix | beats plain |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
@@ -346,6 +348,23 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
             rows.append(Row(label(t, im, emb), "stock", im, [rel(q, out_dir)], q.stat().st_size, m["kld"], m["ppl"],
                             m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
                                         "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"]}))
+    stats_meta = compensate.calibration.CalibrationStats.load(stats_file).meta
+    refinement: list[dict] = []
+
+    def publish(*, complete: bool) -> dict:
+        """Write ladder.json/md/png from the rows so far (after every pair, so an interrupted ladder still has
+        its finished measurements on disk, marked complete=False)."""
+        seconds["total"] = round(time.perf_counter() - t_all, 2)
+        result = {"model_name": hf_dir.name, "hf_dir": str(hf_dir), "text": str(text), "ctx": meter.ref.ctx,
+                  "chunks": meter.ref.chunks, "tokens_scored": meter.ref.tokens, "calib": calib,
+                  "calib_tokens": stats_meta.get("tokens"), "complete": complete,
+                  "imatrix": rel(imatrix_file, out_dir) if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
+                  "seconds": dict(seconds), "reference_seconds": meter.ref_seconds, "refinement": refinement,
+                  "rows": [r.as_dict() for r in rows]}
+        result["verdicts"] = best_per_rung(rows)
+        result["outputs"] = write_outputs(result, out_dir)
+        return result
+
     make_pair = make_pair or budget_pair_maker(hf_dir, stats_file, adapter_type=adapter_type)
     targets = [t.upper() for t in pairs_for] if pairs_for else types
     unknown = sorted(set(targets) - set(types))
@@ -369,7 +388,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                                     m["ppl"], m["top1"], {"type": t, "token_embd": emb or None, "budget": size,
                                                           **details, "kld_stderr": m["kld_stderr"],
                                                           "ppl_stderr": m["ppl_stderr"]}))
-    refinement = []
+                    publish(complete=False)
     with step("refine"):
         for v in best_per_rung(rows) if refine_iterations > 0 else []:
             best = next((r for r in rows if r.name == v["best_pair"]), None)
@@ -399,17 +418,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
             refinement.append({"rung": v["rung"], "pair": best.name, "iterations": [
                 {"iteration": it["iteration"], "kld": it["kld"], "ppl": it["ppl"], "bytes": it["bytes"],
                  "seconds": it["seconds"]} for it in hist["iterations"]]})
-    seconds["total"] = round(time.perf_counter() - t_all, 2)
-    stats_meta = compensate.calibration.CalibrationStats.load(stats_file).meta
-    result = {"model_name": hf_dir.name, "hf_dir": str(hf_dir), "text": str(text), "ctx": meter.ref.ctx,
-              "chunks": meter.ref.chunks, "tokens_scored": meter.ref.tokens, "calib": calib,
-              "calib_tokens": stats_meta.get("tokens"),
-              "imatrix": rel(imatrix_file, out_dir) if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
-              "seconds": seconds, "reference_seconds": meter.ref_seconds, "refinement": refinement,
-              "rows": [r.as_dict() for r in rows]}
-    result["verdicts"] = best_per_rung(rows)
-    result["outputs"] = write_outputs(result, out_dir)
-    return result
+    return publish(complete=True)
 
 
 def _describe(details: dict) -> str:
