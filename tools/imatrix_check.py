@@ -215,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
              "weights_only_in_ours": sorted(set(a.sums) - set(b.sums)),
              "weights_only_in_theirs": sorted(set(b.sums) - set(a.sums)),
              "metadata": {"ours": [a.chunk_count, a.chunk_size], "theirs": [b.chunk_count, b.chunk_size]}}
-    show = llamacpp.run_tool([llama.tool("llama-imatrix"), "-m", f16, "--in-file", ours, "--show-statistics"],
-                             "llama-imatrix --show-statistics")
-    m = re.search(r"Computing statistics for .* \((\d+) tensors\)", show.stdout + show.stderr)
+    for _ in range(3):  # the pinned llama.cpp sometimes loses its last log lines (see llamacpp.perplexity)
+        show = llamacpp.run_tool([llama.tool("llama-imatrix"), "-m", f16, "--in-file", ours, "--show-statistics"],
+                                 "llama-imatrix --show-statistics")
+        m = re.search(r"Computing statistics for .* \((\d+) tensors\)", show.stdout + show.stderr)
+        if m:
+            break
     match["llama_imatrix_loader_reads_ours"] = {"tensors": int(m[1]) if m else None}
 
     # quantizations and their KLD on held-out text
@@ -288,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         "llama_imatrix_runs": runs, "llama_imatrix_rerun_identical": rerun_identical,
         "llama_imatrix_thread_count_identical": runs["theirs1"]["sha256"] == runs["theirs1_alt_threads"]["sha256"],
         "match": match, "quants": quants, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds_note": "wall seconds of this invocation on a shared machine; a step whose output was cached in "
+                        "--workdir by an earlier invocation counts 0 here (tokens/our_calibration are the cached "
+                        "step's own)",
         "commands": {
             "ours": "imatrix.llama_imatrix_windows(f16, calib1.txt, ctx, chunks) -> calibration.collect_stats(hf, "
                     "ids) -> imatrix.write_imatrix(stats, names, ours1.gguf)",
