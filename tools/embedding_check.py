@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                                   ("output.weight",)):
                         if len(which) == 1 and (r != 32 or alpha != 0 or args.brief):
                             continue
+                        which = tuple(n for n in which if n in sols)  # a tensor stored without error is skipped
+                        if not which or any(x["name"].endswith(f"+ {'+'.join(n.split('.')[0] for n in which)} r{r} "
+                                                                f"(alpha {alpha:g})") and x["name"].startswith(
+                                                                    f"untied {q} ") for x in out["rows"]):
+                            continue
                         factors = dict(blk_factors)
                         factors.update({n: sols[n].truncate(r) for n in which})
                         tag = "+".join(n.split(".")[0] for n in which)
