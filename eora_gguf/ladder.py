@@ -372,8 +372,8 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
         raise EoraError(f"--pairs-for {unknown[0]} is not one of the ladder's --types")
     sizes = sorted({q.stat().st_size for (t, im, emb), q in quants.items() if not emb and t in targets})
     with step("pairs"):
-        for size in sizes:
-            for emb in ["", *embedding_types]:
+        for emb in ["", *embedding_types]:  # the stock bases first, for every rung; then the variants
+            for size in sizes:
                 group = sorted(((t, q) for (t, im, e), q in quants.items() if im and e == emb),
                                key=lambda x: x[1].stat().st_size)
                 for t, q in [b for b in group if b[1].stat().st_size < size][-bases_per_rung:]:
