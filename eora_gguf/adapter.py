@@ -277,9 +277,13 @@ def _pairs(model: GGUFModel) -> tuple[LoraInfo, dict[str, tuple[str, str]]]:
                 raise EoraError(f"{name}: {t} is {model.tensor(t).qtype.name}; expected one of "
                                 f"{', '.join(sorted(q.name for q in READABLE_TYPES))}")
         a_ne, b_ne = model.tensor(ta).ne, model.tensor(tb).ne
-        if len(a_ne) != 2 or len(b_ne) != 2 or a_ne[1] != b_ne[0]:
+        # the rank: lora_a ne[1] and lora_b ne[0]; token_embd's pair is flipped (lora_a ne [r, n_vocab])
+        a_rank = a_ne[0] if _is_token_embd(base_name) else a_ne[1] if len(a_ne) == 2 else None
+        if len(a_ne) != 2 or len(b_ne) != 2 or a_rank != b_ne[0]:
+            layout = (" (llama.cpp needs token_embd's pair flipped: lora_a ne [r, n_vocab], lora_b ne [r, n_embd];"
+                      " incorrect shape)") if _is_token_embd(base_name) else ""
             raise EoraError(f"{name}: {ta} ne {list(a_ne)} and {tb} ne {list(b_ne)} are not a LoRA pair of one "
-                            "rank: the adapter is corrupt, write it again")
+                            f"rank{layout}: the adapter is corrupt, write it again")
         pairs[base_name] = (ta, tb)
         info.ranks[base_name] = model.tensor(tb).ne[0]
         info.types[base_name] = (model.tensor(ta).qtype.name, model.tensor(tb).qtype.name)

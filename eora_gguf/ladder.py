@@ -370,7 +370,9 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     unknown = sorted(set(targets) - set(types))
     if unknown:
         raise EoraError(f"--pairs-for {unknown[0]} is not one of the ladder's --types")
-    sizes = sorted({q.stat().st_size for (t, im, emb), q in quants.items() if not emb and t in targets})
+    # a rung's size: its smallest stock file (the imatrix version carries a few hundred bytes of metadata more)
+    sizes = sorted({min(q.stat().st_size for (t2, _, emb), q in quants.items() if t2 == t and not emb)
+                    for t in targets})
     with step("pairs"):
         for emb in ["", *embedding_types]:  # the stock bases first, for every rung; then the variants
             for size in sizes:

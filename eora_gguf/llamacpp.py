@@ -419,7 +419,7 @@ def run_tool(cmd: Sequence[str | os.PathLike[str]], what: str, *, env: dict[str,
 # model", "main: error: unable to load model"); keep the cause. Most specific first:
 _CAUSES = (
     # llama.cpp's own causes, and the hints it gives with them
-    re.compile(r"hint:|is disabled|not within the file bounds|incorrect shape|wrong base model|mismatch|"
+    re.compile(r"GGML_ASSERT|hint:|is disabled|not within the file bounds|incorrect shape|wrong base model|mismatch|"
                r"unknown (model )?architecture|invalid magic|unsupported|not supported|out of memory|"
                r"tensor '[^']*' has|expected .* got|corrupted|incomplete", re.IGNORECASE),
     # a Python exception line (convert_hf_to_gguf.py)
