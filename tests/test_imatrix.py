@@ -235,15 +235,8 @@ def test_matches_llama_imatrix_on_the_same_tokens(matched, arch):
 @pytest.mark.llama_cpp
 def test_llama_cpp_loader_reads_our_file(matched, llama):
     m = matched("llama")
-    n = len(im.read_imatrix(m["ours"]).sums)
-    # -m is required by the argument parser; --show-statistics returns before any model is loaded. The pinned
-    # llama.cpp sometimes loses its last log lines at exit (see llamacpp.perplexity): up to three tries.
-    for _ in range(3):
-        out = run(llama, "llama-imatrix", "-m", m["f16"], "--in-file", m["ours"], "--show-statistics")
-        if "tensors)" in out:
-            break
-    assert f"({n} tensors)" in out
-    # and merges it with llama-imatrix's own into a file our reader reads: sums and counts add
+    # llama-imatrix's loader reads our file (checked through a file it writes, not through its log, which the
+    # pinned llama.cpp sometimes loses): merged with llama-imatrix's own, the sums and counts add up
     merged = m["dir"] / "merged.gguf"
     run(llama, "llama-imatrix", "-m", m["f16"], "--in-file", m["ours"], "--in-file", m["theirs"], "-o", merged)
     a, b, both = (im.read_imatrix(p) for p in (m["ours"], m["theirs"], merged))
@@ -258,8 +251,11 @@ def test_llama_quantize_uses_our_imatrix(matched, llama, tmp_path):
     n = len(im.read_imatrix(m["ours"]).sums)
     plain, with_ours, with_theirs = (tmp_path / f"{k}.gguf" for k in ("plain", "ours", "theirs"))
     run(llama, "llama-quantize", m["f16"], plain, "Q2_K", "2")
-    out = run(llama, "llama-quantize", "--imatrix", m["ours"], m["f16"], with_ours, "Q2_K", "2")
-    assert re.search(rf"loaded {n} importance matrix entries from .* computed on {CHUNKS} chunks", out)
+    run(llama, "llama-quantize", "--imatrix", m["ours"], m["f16"], with_ours, "Q2_K", "2")
+    # what llama-quantize loaded, as it records it in the file it writes (its log may lose lines)
+    meta = gguf.GGUFReader(with_ours).fields
+    assert meta["quantize.imatrix.entries_count"].contents() == n
+    assert meta["quantize.imatrix.chunks_count"].contents() == CHUNKS
     run(llama, "llama-quantize", "--imatrix", m["theirs"], m["f16"], with_theirs, "Q2_K", "2")
     data = {k: {t.name: np.array(t.data) for t in gguf.GGUFReader(p).tensors}
             for k, p in (("plain", plain), ("ours", with_ours), ("theirs", with_theirs))}
