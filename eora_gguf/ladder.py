@@ -162,8 +162,8 @@ def plot(result: dict, path: Path) -> None:
         ax.plot([r["bytes"] / 1e6 for r in sel], [r["kld"] for r in sel], style, ms=8 if kind == "eora" else 6,
                 label=label, ls="none")
         for r in sel:
-            ax.annotate(r["name"], (r["bytes"] / 1e6, r["kld"]), textcoords="offset points", xytext=(4, 3),
-                        fontsize=6)
+            short = r["name"].split(" + EoRA")[0].replace(" +imatrix", "") + (" + EoRA" if kind == "eora" else "")
+            ax.annotate(short, (r["bytes"] / 1e6, r["kld"]), textcoords="offset points", xytext=(4, 3), fontsize=6)
     ax.set_yscale("log")
     ax.set_xlabel("total MB (GGUF model + adapter)")
     ax.set_ylabel("mean KL divergence to F16 (nats, log)")
