@@ -347,7 +347,8 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
             m = meter(q)
             rows.append(Row(label(t, im, emb), "stock", im, [rel(q, out_dir)], q.stat().st_size, m["kld"], m["ppl"],
                             m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
-                                        "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"]}))
+                                        "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"],
+                                        "eval_seconds": m["seconds"]}))
     stats_meta = compensate.calibration.CalibrationStats.load(stats_file).meta
     refinement: list[dict] = []
 
@@ -379,7 +380,9 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                 group = sorted(((t, q) for (t, im, e), q in quants.items() if im and e == emb),
                                key=lambda x: x[1].stat().st_size)
                 for t, q in [b for b in group if b[1].stat().st_size < size][-bases_per_rung:]:
+                    t0 = time.perf_counter()  # the solve is paid by a base's first budget; later ones reuse it
                     made = make_pair(q, size - q.stat().st_size, out_dir / f"adapter-{q.stem[6:]}-for-{size}")
+                    adapter_seconds = round(time.perf_counter() - t0, 2)
                     if made is None:
                         continue
                     adapters, details = made
@@ -389,7 +392,9 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                                     [rel(q, out_dir)] + [rel(a, out_dir) for a in adapters], total, m["kld"],
                                     m["ppl"], m["top1"], {"type": t, "token_embd": emb or None, "budget": size,
                                                           **details, "kld_stderr": m["kld_stderr"],
-                                                          "ppl_stderr": m["ppl_stderr"]}))
+                                                          "ppl_stderr": m["ppl_stderr"],
+                                                          "adapter_seconds": adapter_seconds,
+                                                          "eval_seconds": m["seconds"]}))
                     publish(complete=False)
     with step("refine"):
         for v in best_per_rung(rows) if refine_iterations > 0 else []:
