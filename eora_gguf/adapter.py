@@ -160,10 +160,15 @@ def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         for key, value in (metadata or {}).items():
             _add_metadata(writer, key, value)
+        fell_back: list[str] = []  # tensors whose row length does not fit their type's blocks: F16
         for name, (b, a) in pairs.items():
             file_a, file_b = (b, a.T) if _is_token_embd(name) else (a, b)
-            _add_tensor(writer, f"{name}.lora_a", file_a, ADAPTER_DTYPES[types[name]])
-            _add_tensor(writer, f"{name}.lora_b", file_b, ADAPTER_DTYPES[types[name]])
+            for part, x in ((f"{name}.lora_a", file_a), (f"{name}.lora_b", file_b)):
+                if not _add_tensor(writer, part, x, ADAPTER_DTYPES[types[name]]):
+                    fell_back.append(part)
+        if fell_back:
+            log.info("%d adapter tensor(s) stored as F16: their row length (the rank, for lora_b) is not a multiple "
+                     "of their type's block size (e.g. %s; --verbose lists them)", len(fell_back), fell_back[0])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -311,11 +316,13 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, x: np.ndarray, qtype: Q) -> None:
+def _add_tensor(writer: gguf.GGUFWriter, name: str, x: np.ndarray, qtype: Q) -> bool:
+    """Write one factor; False when its row length made it fall back to F16 (the caller sums those up)."""
     stored = storage_type(qtype, x.shape[1])
+    as_asked = stored == qtype
     if stored != qtype:
-        log.info("%s: row length %d is not a multiple of %d, stored as F16 instead of %s", name, x.shape[1],
-                 gguf.GGML_QUANT_SIZES[qtype][0], qtype.name)
+        log.debug("%s: row length %d is not a multiple of %d, stored as F16 instead of %s", name, x.shape[1],
+                  gguf.GGML_QUANT_SIZES[qtype][0], qtype.name)
         qtype = stored
     if qtype == Q.F16 and np.abs(x).max(initial=0.0) > F16_MAX:
         log.warning("%s: values exceed the F16 range, stored as F32", name)
@@ -328,6 +335,7 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, x: np.ndarray, qtype: Q) -> 
     else:
         data = gguf.quants.quantize(x32, qtype)
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    return as_asked
 
 
 def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> None:

@@ -574,11 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refine", type=int, default=0, metavar="N",
                     help="joint base + adapter: re-quantize W - BA and re-solve N times for each rung's best pair, "
                          "keeping every measured iterate (default 0)")
-    sp.add_argument("--pairs-for", metavar="T1,T2", help="search pairs only at these rungs (default: every rung)")
+    sp.add_argument("--pairs-for", metavar="T1,T2", help="search pairs only at these rungs, in this order (default: every rung, smallest first)")
     sp.add_argument("--adapter-type", default="auto",
                     help="adapter storage: auto (the budget chooses among f16, q8_0, q5_1, q5_0, q4_1, q4_0) or one")
     sp.add_argument("--bases-per-rung", type=int, default=2,
-                    help="pairs tried per rung: the N largest bases below it (per embedding type; default 2)")
+                    help="pairs tried per rung: the N largest bases below it that no smaller base beats on KLD "
+                         "(per token-embedding kind; default 2)")
     sp.add_argument("--ctx", type=int, default=512)
     sp.add_argument("--chunks", type=int, default=32)
     sp.add_argument("--threads", type=int)

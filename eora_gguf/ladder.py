@@ -7,9 +7,10 @@ perplexity over the same tokens) on a text disjoint from the calibration text. E
 
 Steps (outputs in DIR, each reused when it exists, so an interrupted ladder resumes):
   F16 GGUF → calibration statistics (one pass, `--calib`) → importance matrix from those statistics →
-  each stock type plain and with the imatrix → for each rung size, candidate pairs: a smaller base type (with the
-  imatrix) + an EoRA adapter that fills the remaining bytes (ranks and adapter storage type chosen by `make_pair`)
-  → KLD of everything → the best pair per rung.
+  each stock type plain and with the imatrix → for each rung size, candidate pairs: a smaller base (with the
+  imatrix, on the measured KLD-per-byte front of its token-embedding kind, `pair_bases`) + an EoRA adapter that
+  fills the remaining bytes (ranks and adapter storage types chosen by `make_pair`) → KLD of everything → the best
+  pair per rung.
 """
 from __future__ import annotations
 
@@ -59,10 +60,12 @@ class Meter:
     """KL divergence / perplexity / top-1 of (model, adapters) against the F16 reference, cached per input files."""
 
     def __init__(self, llama: llamacpp.LlamaCpp, f16: Path, text: Path, *, ctx: int, chunks: int | None,
-                 threads: int | None, folder: Path, verbose: bool = False) -> None:
+                 threads: int | None, folder: Path, verbose: bool = False, cache_file: Path | None = None) -> None:
         self.llama, self.threads, self.verbose = llama, threads, verbose
         self.folder = folder
-        self.cache_file = folder / "measurements.json"
+        # a second process measuring in the same folder (tools/refine_check.py) keeps its own file: both rewrite
+        # theirs whole
+        self.cache_file = cache_file or folder / "measurements.json"
         self.cache: dict[str, dict] = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
         t0 = time.perf_counter()
         self.base, self.ref = llama_eval.kld_base(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads,
@@ -342,9 +345,11 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     def label(t: str, im: bool, emb: str) -> str:
         return f"{t}{f' (token_embd {emb.upper()})' if emb else ''}{' +imatrix' if im else ''}"
 
+    stock_kld: dict[Path, float] = {}
     with step("measure_stock"):
         for (t, im, emb), q in quants.items():
             m = meter(q)
+            stock_kld[q] = m["kld"]
             rows.append(Row(label(t, im, emb), "stock", im, [rel(q, out_dir)], q.stat().st_size, m["kld"], m["ppl"],
                             m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
                                         "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"],
@@ -371,15 +376,15 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     unknown = sorted(set(targets) - set(types))
     if unknown:
         raise EoraError(f"--pairs-for {unknown[0]} is not one of the ladder's --types")
-    # a rung's size: its smallest stock file (the imatrix version carries a few hundred bytes of metadata more)
-    sizes = sorted({min(q.stat().st_size for (t2, _, emb), q in quants.items() if t2 == t and not emb)
-                    for t in targets})
+    # a rung's size: its smallest stock file (the imatrix version carries a few hundred bytes of metadata more);
+    # rungs are searched in the order given (the ones a user cares most about first; a long ladder publishes
+    # after every pair), sizes shared by several types once
+    sizes = list(dict.fromkeys(min(q.stat().st_size for (t2, _, emb), q in quants.items() if t2 == t and not emb)
+                               for t in targets))
     with step("pairs"):
-        for emb in ["", *embedding_types]:  # the stock bases first, for every rung; then the variants
-            for size in sizes:
-                group = sorted(((t, q) for (t, im, e), q in quants.items() if im and e == emb),
-                               key=lambda x: x[1].stat().st_size)
-                for t, q in [b for b in group if b[1].stat().st_size < size][-bases_per_rung:]:
+        for size in sizes:
+            for emb in ["", *embedding_types]:  # the stock bases first, then each token-embedding variant
+                for t, q in pair_bases(quants, stock_kld, emb, size, bases_per_rung):
                     t0 = time.perf_counter()  # the solve is paid by a base's first budget; later ones reuse it
                     made = make_pair(q, size - q.stat().st_size, out_dir / f"adapter-{q.stem[6:]}-for-{size}")
                     adapter_seconds = round(time.perf_counter() - t0, 2)
@@ -426,6 +431,34 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                 {"iteration": it["iteration"], "kld": it["kld"], "ppl": it["ppl"], "bytes": it["bytes"],
                  "seconds": it["seconds"]} for it in hist["iterations"]]})
     return publish(complete=True)
+
+
+# an adapter smaller than this share of the rung is not worth a solve (SmolLM2: about 0.45 MB, rank 1-2 on every
+# tensor); the next smaller base is tried instead
+MIN_ADAPTER_SHARE = 0.005
+
+
+def pair_bases(quants: dict[tuple[str, bool, str], Path], kld: dict[Path, float], emb: str, size: int,
+               n: int) -> list[tuple[str, Path]]:
+    """The bases worth an adapter at a rung of `size` bytes: imatrix quantizations with token-embedding type `emb`
+    ("" = as llama-quantize chose) that no other base of the same kind beats with no more bytes and a lower KLD
+    (the measured front: Q4_0 loses to the smaller IQ4_XS, Q2_K to IQ3_S of equal size), leaving room for an
+    adapter of at least MIN_ADAPTER_SHARE of the rung; the n largest, largest first.
+
+    Bases are compared within one embedding kind only: an error in a tied token embedding is one no block adapter
+    can undo, so a base's own KLD does not rank it against bases with another embedding (the Q5_K_M base with a
+    Q5_0 embedding has a lower KLD than Q4_K_S, yet Q4_K_S + adapter is the better pair)."""
+    group = sorted({(q.stat().st_size, kld[q], t, q) for (t, im, e), q in quants.items() if im and e == emb},
+                   key=lambda b: (b[0], b[1], b[2]))
+    front, seen = [], set()
+    for sz, k, t, q in group:
+        if (sz, k) in seen:  # identical files under two type names (Q2_K = Q3_K_S on SmolLM2): keep the first
+            continue
+        seen.add((sz, k))
+        if not any(sz2 <= sz and k2 < k for sz2, k2, _, _ in group):
+            front.append((sz, t, q))
+    fit = [(t, q) for sz, t, q in front if size - sz >= MIN_ADAPTER_SHARE * size]
+    return fit[::-1][:n]
 
 
 def _describe(details: dict) -> str:

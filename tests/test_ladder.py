@@ -106,3 +106,31 @@ def test_best_per_rung_picks_lowest_kld_that_fits():
     v = {e["rung"]: e for e in ladder.best_per_rung(rows)}
     assert v["Q3"]["best_pair"] == "p1" and v["Q3"]["wins_imatrix"] is True
     assert v["Q2"]["best_pair"] is None and v["Q2"]["wins_imatrix"] is False
+
+
+def test_pair_bases_are_the_measured_front_per_embedding_kind(tmp_path):
+    """Sizes and KLDs shaped like SmolLM2's ladder: dominated bases (Q4_0 behind the smaller IQ4_XS, Q2_K behind
+    IQ3_S of equal size, an identical Q3_K_S file) are never offered; a base that leaves no room for an adapter is
+    skipped for the next smaller one; each embedding kind has its own front."""
+    table = {("IQ3_XXS", ""): (860, 0.17), ("Q2_K", ""): (880, 0.26), ("Q3_K_S", ""): (880, 0.26),
+             ("IQ3_S", ""): (880, 0.13), ("IQ4_XS", ""): (900, 0.087), ("Q4_0", ""): (910, 0.156),
+             ("Q3_K_M", ""): (930, 0.081), ("Q3_K_M", "q5_0"): (820, 0.106), ("Q3_K_L", "q5_0"): (869, 0.087),
+             ("Q4_K_S", "q5_0"): (914, 0.064), ("Q5_K_M", "q5_0"): (901, 0.03)}
+    quants, kld = {}, {}
+    for (t, emb), (size, k) in table.items():
+        q = tmp_path / f"model-{t}-imatrix{'-embd-' + emb if emb else ''}.gguf"
+        q.write_bytes(b"\0" * size)
+        quants[(t, True, emb)], kld[q] = q, k
+    quants[("Q4_0", False, "")] = tmp_path / "plain-not-a-base.gguf"  # plain quants are never bases
+
+    def names(emb: str, size: int, n: int = 5) -> list[str]:
+        return [t for t, _ in ladder.pair_bases(quants, kld, emb, size, n)]
+
+    assert names("", 935) == ["Q3_K_M", "IQ4_XS", "IQ3_S", "IQ3_XXS"]
+    assert names("", 935, 1) == ["Q3_K_M"]
+    assert names("", 912) == ["IQ4_XS", "IQ3_S", "IQ3_XXS"]  # Q4_0 (910): a smaller base is better
+    # 870 - 869 leaves less than MIN_ADAPTER_SHARE of the rung: the next smaller base of that kind
+    assert names("q5_0", 870) == ["Q3_K_M"]
+    # the Q5_K_M base with a Q5_0 embedding beats Q4_K_S's embedding variant; other kinds are not compared
+    assert names("q5_0", 930) == ["Q5_K_M", "Q3_K_L", "Q3_K_M"]
+    assert names("", 850) == []

@@ -36,7 +36,7 @@ def main() -> None:
     llama = llamacpp.locate()
     text = Path(lad["text"]) if Path(lad["text"]).is_file() else assets.text_file("eval")
     meter = Meter(llama, d / "model-F16.gguf", text, ctx=lad["ctx"], chunks=lad["chunks"], threads=args.threads,
-                  folder=d)
+                  folder=d, cache_file=d / f"refine-{args.rung}-measurements.json")
     make = budget_pair_maker(Path(lad["hf_dir"]), d / "calibration.safetensors")
     base = d / best["files"][0]
     budget = v["bytes"] - base.stat().st_size
