@@ -138,8 +138,10 @@ def markdown(result: dict) -> str:
     for r in sorted(rows, key=lambda r: r["bytes"]):
         lines.append(f"| {r['name']} | {r['kind']} | {'yes' if r['imatrix'] else 'no'} | {r['bytes'] / 1e6:.2f} | "
                      f"{r['kld']:.4f} | {r.get('kld_stderr', 0):.4f} | {100 * r['top1']:.2f} | {r['ppl']:.3f} |")
-    lines += ["", f"Wall time: {result['seconds']['total']:.0f} s (" +
-              ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items() if k != "total") + ").", ""]
+    secs = result.get("seconds_all_invocations", result["seconds"])
+    n = len(result.get("invocations", [])) or 1
+    lines += ["", f"Wall time: {secs['total']:.0f} s over {n} invocation(s) (" +
+              ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total") + ").", ""]
     return "\n".join(lines)
 
 
@@ -300,6 +302,11 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
+    # every invocation's step seconds, kept across resumes: a resumed ladder reuses finished files, so only the sum
+    # over invocations is the wall time of the whole ladder
+    timings_file = out_dir / "timings.json"
+    earlier = json.loads(timings_file.read_text())["invocations"] if timings_file.is_file() else []
+    this_run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds}
     llama = llamacpp.locate()
 
     def step(name: str):
@@ -361,11 +368,17 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
         """Write ladder.json/md/png from the rows so far (after every pair, so an interrupted ladder still has
         its finished measurements on disk, marked complete=False)."""
         seconds["total"] = round(time.perf_counter() - t_all, 2)
+        invocations = [*earlier, this_run]
+        with atomic_output(timings_file) as tmp:
+            tmp.write_text(json.dumps({"invocations": invocations}, indent=1))
+        total = {k: round(sum(i["seconds"].get(k, 0.0) for i in invocations), 2)
+                 for k in dict.fromkeys(k for i in invocations for k in i["seconds"])}
         result = {"model_name": hf_dir.name, "hf_dir": str(hf_dir), "text": str(text), "ctx": meter.ref.ctx,
                   "chunks": meter.ref.chunks, "tokens_scored": meter.ref.tokens, "calib": calib,
                   "calib_tokens": stats_meta.get("tokens"), "complete": complete,
                   "imatrix": rel(imatrix_file, out_dir) if imatrix_file.is_relative_to(out_dir) else str(imatrix_file),
-                  "seconds": dict(seconds), "reference_seconds": meter.ref_seconds, "refinement": refinement,
+                  "seconds": dict(seconds), "seconds_all_invocations": total, "invocations": invocations,
+                  "reference_seconds": meter.ref_seconds, "refinement": refinement,
                   "rows": [r.as_dict() for r in rows]}
         result["verdicts"] = best_per_rung(rows)
         result["outputs"] = write_outputs(result, out_dir)

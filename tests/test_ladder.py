@@ -73,6 +73,14 @@ def test_ladder_end_to_end(tiny_hf, llama, tmp_path, capsys):
     assert main(argv) == 0
     capsys.readouterr()
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == made
+    # both invocations' step seconds are kept; the totals are their sums
+    again = json.loads((out / "ladder.json").read_text())
+    runs = again["invocations"]
+    assert len(runs) == 2 and runs[0]["seconds"] == data["seconds"]
+    for step in ("convert", "calibrate", "quantize", "measure_stock", "pairs", "total"):
+        assert again["seconds_all_invocations"][step] == round(sum(r["seconds"][step] for r in runs), 2)
+    assert runs[1]["seconds"]["calibrate"] < runs[0]["seconds"]["calibrate"]  # the second one reused it
+    assert "over 2 invocation(s)" in (out / "ladder.md").read_text()
 
 
 def test_write_shifted_subtracts_the_adapter(tiny_gguf, tmp_path):
