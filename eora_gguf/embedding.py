@@ -184,7 +184,7 @@ def solve_token_embd(delta_e: torch.Tensor, weights: torch.Tensor, rank: int, *,
         raise EoraError(f"{name}: token weights must be non-negative and not all zero")
     _rank(rank, de.shape, name)
     gram = de.T @ (de * w[:, None])                                          # (d, d) = ΔEᵀ D ΔE
-    mu, v = _top_eigh(gram, rank)                                            # (r,), (d, r)
+    mu, v = eora._top_eigh(gram, rank)                                            # (r,), (d, r)
     b = de @ v                                                               # (V, r)
     gains = ((b * b) * w[:, None]).sum(0)                                    # = mu up to rounding
     objective = float(((de * de) * w[:, None]).sum())
@@ -298,16 +298,6 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
 # ------------------------------------------------------------------------------------------- internals
 
 
-def _top_eigh(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    sym = 0.5 * (sym + sym.T)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small d x d problem; see eora._one_thread
-    try:
-        vals, vecs = torch.linalg.eigh(sym)
-    finally:
-        torch.set_num_threads(n)
-    idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1)
-    return vals[idx].clamp(min=0.0), vecs[:, idx]
 
 
 def _matrix(x: torch.Tensor, name: str) -> torch.Tensor:

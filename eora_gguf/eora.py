@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -172,9 +173,33 @@ def _top_eigh(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     """Largest `rank` eigenpairs of a symmetric matrix, descending: values (r,), vectors (n, r)."""
     sym = 0.5 * (sym + sym.T)
     with _one_thread():
-        vals, vecs = torch.linalg.eigh(sym)
+        try:
+            vals, vecs = torch.linalg.eigh(sym)
+        except torch.linalg.LinAlgError:
+            vals, vecs = _eigh_fallback(sym)
     idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1)
     return vals[idx].clamp(min=0.0), vecs[:, idx]
+
+
+def _eigh_fallback(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh for the matrices LAPACK's divide and conquer does not converge on (seen on SmolLM2 Q5_K_M + imatrix,
+    whose error is exactly zero for two thirds of the weights): the same matrix scaled to unit size, then an SVD,
+    whose singular pairs are the eigenpairs of a positive semidefinite matrix (our Gram matrices are, up to
+    rounding). Ascending, like eigh."""
+    scale = float(sym.abs().max())
+    if not math.isfinite(scale):
+        raise EoraError("the solver's Gram matrix holds NaN or Inf: the weights or the calibration statistics are "
+                        "corrupt; recompute them")
+    if scale == 0.0:
+        return torch.zeros(sym.shape[0], dtype=sym.dtype), torch.eye(sym.shape[0], dtype=sym.dtype)
+    try:
+        vals, vecs = torch.linalg.eigh(sym / scale)
+        log.debug("eigh converged only on the scaled matrix (n=%d)", sym.shape[0])
+        return vals * scale, vecs
+    except torch.linalg.LinAlgError:
+        u, s, _ = torch.linalg.svd(sym / scale)
+        log.debug("eigh did not converge (n=%d): eigenpairs from the SVD", sym.shape[0])
+        return s.flip(0) * scale, u.flip(1)
 
 
 def _threads_for(delta_w: torch.Tensor) -> contextlib.AbstractContextManager[None]:

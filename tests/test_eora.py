@@ -165,3 +165,31 @@ def test_bad_inputs_raise(rng):
         E.solve("qr", dw, None, 2)
     with pytest.raises(EoraError, match="needs a calibration covariance"):
         E.solve("eora", dw, None, 2)
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+def test_eigh_that_does_not_converge_falls_back(rng, monkeypatch, fails):
+    """LAPACK's eigh failed to converge on one SmolLM2 Gram matrix (Q5_K_M + imatrix): the solve must still give
+    the optimum, first from the scaled matrix (fails=1), else from the SVD (fails=2)."""
+    dw = torch.from_numpy(rng.standard_normal((24, 40)))
+    x = torch.from_numpy(rng.standard_normal((40, 200)))
+    cov = x @ x.T
+    want_b, want_a = E.eora(dw, cov, 5)
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(m, *a, **k):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    b, a = E.eora(dw, cov, 5)
+    assert len(calls) == min(fails + 1, 2)
+    assert torch.allclose(b @ a, want_b @ want_a, atol=1e-9, rtol=1e-7)  # the same projection (signs may differ)
+    assert E.weighted_error(dw, cov, b, a) == pytest.approx(E.weighted_error(dw, cov, want_b, want_a), rel=1e-9)
+
+
+def test_eigh_fallback_refuses_non_finite():
+    with pytest.raises(EoraError, match="NaN or Inf"):
+        E._eigh_fallback(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=torch.float64))
