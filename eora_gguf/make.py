@@ -124,9 +124,15 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
         Budget.parse(budget)
     if not 1 <= port <= 65535:
         raise EoraError(f"--port must lie in [1, 65535], got {port}")
+    dest, src = out_dir.resolve(), hf_dir.resolve()
+    if dest == src or src in dest.parents:
+        raise EoraError(f"-o {out_dir} lies inside the input folder {hf_dir}: write it elsewhere")
     if out_dir.exists() and not out_dir.is_dir():
         raise EoraError(f"-o {out_dir} is a file: give a folder")
-    check_output(out_dir / "README.md", inputs=[hf_dir, text])  # refuses a folder inside the HF model folder
+    if not dest.parent.is_dir():
+        raise EoraError(f"the folder {out_dir.parent} of -o {out_dir} does not exist: create it first")
+    out_dir.mkdir(exist_ok=True)
+    check_output(out_dir / "README.md", inputs=[hf_dir, text])
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     llama = llamacpp.locate(progress=not verbose)
