@@ -359,7 +359,7 @@ def cmd_make(args: argparse.Namespace) -> dict:
     res = make(Path(args.hf_dir), Path(args.output), quant=args.quant, calibs=parse_calibs(args.calib or ["demo"]),
                rank=args.rank, budget=args.budget, method=args.method, adapter_type=args.adapter_type,
                samples=args.samples, seqlen=args.seqlen, use_imatrix=not args.no_imatrix, peft=args.peft,
-               text=assets.text_file(args.text) if args.text else None, ctx=args.ctx, chunks=args.chunks,
+               text=assets.text_file(args.text) if args.text else None, ctx=args.ctx, chunks=args.chunks or None,
                threads=args.threads, port=args.port, prompt=args.prompt, force=args.force, verbose=args.verbose)
     if args.json:
         return res

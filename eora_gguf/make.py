@@ -166,17 +166,14 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
                                         verbose=verbose))
 
     adapters: dict[str, Path] = {}
-    reports: dict[str, dict] = {}
     for c in calibs:
         out = adapters[c.name] = out_dir / f"{stem}-{quant}-{c.name}.gguf"
         peft_dir = out_dir / f"peft-{c.name}" if peft else None
 
         def solve(c: CalibSpec = c, out: Path = out, peft_dir: Path | None = peft_dir) -> None:
             log.info("solving adapter %s (%s)", c.name, f"rank {rank}" if rank else f"budget {budget}")
-            rep = compensate.compensate(hf_dir, base, out, rank=rank, budget=budget, method=method,
-                                        stats=stats[c.name], adapter_type=adapter_type, peft_dir=peft_dir,
-                                        name=c.name)
-            reports[c.name] = {k: v for k, v in rep.as_dict().items() if k != "adapter"}
+            compensate.compensate(hf_dir, base, out, rank=rank, budget=budget, method=method, stats=stats[c.name],
+                                  adapter_type=adapter_type, peft_dir=peft_dir, name=c.name)
 
         key = _key(file_key(base, stats[c.name]), rank, budget, method, adapter_type, peft, c.name)
         if not steps.run(out, key, solve) and peft_dir is not None and not peft_dir.is_dir():
@@ -189,9 +186,7 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
               "imatrix": imatrix_file is not None, "imatrix_calib": calibs[0].spec if imatrix_file else None,
               "method": method, "rank": rank, "budget": budget, "samples": samples, "seqlen": seqlen,
               "base": {"file": base.name, "bytes": base.stat().st_size},
-              "adapters": [{"name": c.name, "calib": c.spec, "file": adapters[c.name].name,
-                            "bytes": adapters[c.name].stat().st_size,
-                            "peft": f"peft-{c.name}" if peft else None, **reports.get(c.name, {})} for c in calibs],
+              "adapters": [_adapter_entry(c, adapters[c.name], peft) for c in calibs],
               "f16": {"file": str(f16.relative_to(out_dir)), "bytes": f16.stat().st_size},
               "measured": measured, "port": port, "prompt": prompt,
               "llama_cpp_bin": str(llama.bin_dir)}
@@ -205,6 +200,16 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["output"] = str(out_dir)
     return result
+
+
+def _adapter_entry(c: CalibSpec, path: Path, peft: bool) -> dict:
+    """What make.json says of one adapter: read back from the file (so a reused adapter is described alike)."""
+    from .info import describe
+
+    d = describe(path)
+    return {"name": c.name, "calib": c.spec, "file": path.name, "bytes": d["bytes"], "pairs": d["pairs"],
+            "rank_min": d["rank_min"], "rank_max": d["rank_max"], "rank_mean": d["rank_mean"],
+            "storage_types": d["storage_types"], "recorded": d["eora"], "peft": f"peft-{c.name}" if peft else None}
 
 
 def _measure(llama: llamacpp.LlamaCpp, f16: Path, base: Path, adapters: dict[str, Path], text: Path, work: Path,
@@ -247,7 +252,12 @@ def model_card(r: dict) -> str:
              "| file | what | MB |", "|---|---|---:|",
              f"| `{r['base']['file']}` | base GGUF | {r['base']['bytes'] / 1e6:.2f} |"]
     for a in r["adapters"]:
-        lines.append(f"| `{a['file']}` | adapter `{a['name']}`: calibration `{a['calib']}` | {a['bytes'] / 1e6:.2f} |")
+        rank = (str(a["rank_max"]) if a["rank_min"] == a["rank_max"]
+                else f"{a['rank_min']}–{a['rank_max']} (mean {a['rank_mean']})")
+        tokens = a["recorded"].get("eora.calibration_tokens")
+        lines.append(f"| `{a['file']}` | adapter `{a['name']}`: calibration `{a['calib']}`"
+                     + (f" ({tokens} tokens)" if tokens else "") + f", rank {rank}, "
+                     + ", ".join(a["storage_types"]) + f" | {a['bytes'] / 1e6:.2f} |")
     if any(a["peft"] for a in r["adapters"]):
         lines += ["", "PEFT folders (HF row order, for transformers + peft): " +
                   ", ".join(f"`{a['peft']}/`" for a in r["adapters"] if a["peft"]) + "."]

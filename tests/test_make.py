@@ -123,3 +123,17 @@ def test_make_refuses_bad_input_before_work(tiny_hf, tmp_path, capsys):
     assert main(["make", str(hf), "-o", str(hf / "inside"), "--quant", "Q2_K", "--rank", "8"]) == 2
     assert "inside the input folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+def test_make_smollm2_card_runs_as_written(smol_made):
+    out, made = smol_made
+    rows = made["measured"]["rows"]
+    assert [r["adapter"] for r in rows] == [None, None, "general", "arc"]
+    assert all(r["kld"] < rows[1]["kld"] for r in rows[2:])  # each adapter brings the base closer to F16
+    readme = (out / "README.md").read_text()
+    outputs = run_card(out, readme, timeout=600)
+    completions = [json.loads(o) for o in outputs if o.lstrip().startswith("{") and '"content"' in o]
+    assert len(completions) == 3 and all(c["content"] for c in completions)
+    assert [x["task_name"] for x in json.loads(outputs[-1])] == ["general", "arc"]

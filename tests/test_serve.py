@@ -64,33 +64,53 @@ def distance(a: dict, b: dict) -> float:
     return max(d) if d else float("inf")
 
 
-@pytest.mark.llama_cpp
-def test_each_request_gets_its_adapter_and_nothing_leaks(served, llama, tmp_path):
-    base, adapters, _ = served
-    configs = (None, 0, 1)
-    with serve.Server(llama, base, adapters, extra=["-np", "1"], threads=2, log_file=tmp_path / "server.log") as s:
+def check_serving(llama, base: Path, adapters: list[Path], log_file: Path, prompt_p: str, prompt_q: str,
+                  names: list[str]) -> None:
+    """The documented server (plus -np 1, which makes the RAM-cache path bite if it could) answers each request as
+    llama.cpp computes that base + adapter alone, whatever adapters and prompts came before."""
+    configs = (None, *range(len(adapters)))
+    n = len(adapters)
+    with serve.Server(llama, base, adapters, extra=["-np", "1"], threads=2, log_file=log_file) as s:
         listed = s.get("/lora-adapters")
-        assert [(x["id"], x["scale"], x["task_name"]) for x in listed] == [(0, 0.0, "a0"), (1, 0.0, "a1")]
-        fresh = {c: s.complete(PROMPT_P, lora=serve.lora_list(2, c), n_predict=N_PREDICT, cache_prompt=False)
+        assert [(x["id"], x["scale"], x["task_name"]) for x in listed] == [(i, 0.0, nm) for i, nm in enumerate(names)]
+        fresh = {c: s.complete(prompt_p, lora=serve.lora_list(n, c), n_predict=N_PREDICT, cache_prompt=False)
                  for c in configs}
         # what llama.cpp computes for the base + that adapter loaded alone (our libllama client)
         for c in configs:
-            ref = llama_eval.generate(llama, base, [PROMPT_P], max_new=N_PREDICT, threads=2,
+            ref = llama_eval.generate(llama, base, [prompt_p], max_new=N_PREDICT, threads=2,
                                       lora=[adapters[c]] if c is not None else [])[0]
             assert list(ref.tokens) == fresh[c]["tokens"], f"adapter {c}: server and standalone llama.cpp differ"
         # the adapters change the answer by far more than TOL, so a leak could not hide below it
-        for x, y in ((None, 0), (None, 1), (0, 1)):
-            assert distance(fresh[x], fresh[y]) > 20 * TOL, (x, y)
+        for i, x in enumerate(configs):
+            for y in configs[i + 1:]:
+                assert distance(fresh[x], fresh[y]) > 20 * TOL, (x, y)
         # same prompt through every order of adapters, cached: each answer is its configuration's own
         for c in (0, 1, None, 0, None, 1, 1, 0):
-            got = s.complete(PROMPT_P, lora=serve.lora_list(2, c), n_predict=N_PREDICT)
+            got = s.complete(prompt_p, lora=serve.lora_list(n, c), n_predict=N_PREDICT)
             assert_same(got, fresh[c], f"adapter {c} after cached requests")
         # the RAM prompt cache's restore path (another prompt in between, one slot): off in the documented command
         for first, second in ((0, 1), (1, None), (None, 0)):
-            s.complete(PROMPT_P, lora=serve.lora_list(2, first), n_predict=N_PREDICT)
-            s.complete(PROMPT_Q, lora=serve.lora_list(2, second), n_predict=N_PREDICT)
-            got = s.complete(PROMPT_P, lora=serve.lora_list(2, second), n_predict=N_PREDICT)
+            s.complete(prompt_p, lora=serve.lora_list(n, first), n_predict=N_PREDICT)
+            s.complete(prompt_q, lora=serve.lora_list(n, second), n_predict=N_PREDICT)
+            got = s.complete(prompt_p, lora=serve.lora_list(n, second), n_predict=N_PREDICT)
             assert_same(got, fresh[second], f"adapter {second} after {first}, via another prompt")
+
+
+@pytest.mark.llama_cpp
+def test_each_request_gets_its_adapter_and_nothing_leaks(served, llama, tmp_path):
+    base, adapters, _ = served
+    check_serving(llama, base, adapters, tmp_path / "server.log", PROMPT_P, PROMPT_Q, ["a0", "a1"])
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+def test_smollm2_two_real_adapters_served(smol_made, llama, tmp_path):
+    out, made = smol_made
+    adapters = [out / a["file"] for a in made["adapters"]]
+    check_serving(llama, out / made["base"]["file"], adapters, tmp_path / "server.log",
+                  "Question: Which gas do plants take in from the air to make food?\nAnswer:",
+                  "The history of the city began in the twelfth century, when merchants settled by the river",
+                  [a["name"] for a in made["adapters"]])
 
 
 @pytest.mark.llama_cpp
