@@ -103,7 +103,7 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
          seqlen: int = 512, use_imatrix: bool = True, peft: bool = False, text: Path | None = None, ctx: int = 512,
          chunks: int | None = 16, threads: int | None = None, port: int = 8080, prompt: str = "The capital of France is",
          force: bool = False, verbose: bool = False) -> dict:
-    """Run every step (see the module docstring); returns the content of make.json plus `readme`."""
+    """Run every step (see the module docstring); returns the content of make.json plus `seconds` and `output`."""
     from . import compensate, imatrix, serve
     from .budget import Budget
     from .calibration import CalibrationStats, model_identity

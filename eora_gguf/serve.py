@@ -10,7 +10,8 @@ Prompt caches, and why the card's command is what it is:
 - The slot's own cache: when a request's adapter scales differ from those its slot last ran, the slot's cached
   prompt is cleared (server-context.cpp, `launch_slot_with_task`) — but only for requests that carry a `lora`
   list. A request without one takes the start-up scales and keeps the cached tokens of whatever adapter computed
-  them. So every request names its scales, the base alone included (`[{"id": 0, "scale": 0}]`).
+  them (and that state then stays for the next request with the start-up scales, list or not). So every request
+  names its scales, the base alone included (`[{"id": 0, "scale": 0}]`).
 - The RAM prompt cache (`--cache-ram`, default 8 GiB): a slot's state is saved there and restored by the longest
   token prefix, with no record of the adapter that computed it (server-task.cpp, `server_prompt_cache::load`),
   after which the scales look unchanged and nothing is cleared. `--cache-ram 0` turns it off.
@@ -153,8 +154,9 @@ class Server:
 
     def complete(self, prompt: str, *, lora: list[dict] | None, n_predict: int = 8, n_probs: int = 5,
                  cache_prompt: bool = True) -> dict:
-        """Greedy completion; `lora=None` sends no `lora` field. Returns {tokens, logprobs (per generated token),
-        top (per token: {id: logprob} of the n_probs most likely)}."""
+        """Greedy completion; `lora=None` sends no `lora` field. Returns {tokens, content, logprobs (per generated
+        token), top (per token: {id: logprob} of the n_probs most likely), reused (prompt tokens taken from the
+        cache instead of evaluated)}."""
         body: dict = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "n_probs": n_probs,
                       "return_tokens": True, "cache_prompt": cache_prompt, "seed": 0}
         if lora is not None:
@@ -164,7 +166,7 @@ class Server:
         return {"tokens": list(res.get("tokens") or []), "content": res.get("content", ""),
                 "logprobs": [p["logprob"] for p in probs],
                 "top": [{t["id"]: t["logprob"] for t in p["top_logprobs"]} for p in probs],
-                "cached": res.get("tokens_cached", 0)}
+                "reused": int(res.get("tokens_evaluated", 0)) - int((res.get("timings") or {}).get("prompt_n", 0))}
 
 
 __all__ = ["Server", "card_commands", "free_port", "lora_list", "server_args"]

@@ -96,7 +96,7 @@ def test_make_two_adapters_card_and_reuse(tiny_hf, llama, tmp_path, capsys):
     # the card's commands run as written; each request answers, the adapter list names both
     outputs = run_card(out, readme)
     completions = [json.loads(o) for o in outputs if o.lstrip().startswith("{") and '"content"' in o]
-    assert len(completions) == 3 and all(c["tokens_predicted"] == 32 for c in completions)
+    assert len(completions) == 3 and all(1 <= c["tokens_predicted"] <= 32 for c in completions)
     listed = json.loads(outputs[-1])
     assert [x["task_name"] for x in listed] == ["first", "second"] and {x["scale"] for x in listed} == {0.0}
 

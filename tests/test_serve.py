@@ -12,9 +12,10 @@ from eora_gguf.errors import EoraError
 from test_cli import words
 
 N_PREDICT = 6
-# server logprobs of one configuration agree to float rounding between a fresh and a cached evaluation (a cached
-# prompt's last token is decoded alone); configurations differ by far more (checked below)
-TOL = 2e-3
+# a fresh and a cached evaluation of one configuration agree bit for bit at the pinned llama.cpp (measured; a cached
+# prompt's last token is decoded alone), so TOL only allows float reordering; on the tiny random model the adapters
+# move the log-probabilities by ~1e-3 (checked below to exceed 20 TOL), so a leak cannot hide under it
+TOL = 1e-5
 
 
 def test_server_args_load_every_adapter_at_scale_zero():
@@ -42,7 +43,7 @@ def served(tiny_hf, tiny_gguf, llama, tmp_path_factory):
     for i, seed in enumerate((21, 22)):
         calib = words(tmp / f"calib{i}.txt", 3000, seed=seed)
         out = tmp / f"adapter{i}.gguf"
-        compensate.compensate(hf, base, out, rank=16, calib=str(calib), samples=4, seqlen=64, name=f"a{i}")
+        compensate.compensate(hf, base, out, rank=16, calib=str(calib), samples=16, seqlen=64, name=f"a{i}")
         adapters.append(out)
     return base, adapters, tmp
 
@@ -125,11 +126,13 @@ def test_the_guards_are_needed(served, llama, tmp_path):
         # 1. no lora list after adapter 0: start-up scales (the base), but adapter 0's cached prompt
         s.complete(PROMPT_P, lora=serve.lora_list(2, 0), n_predict=N_PREDICT)
         leaked = s.complete(PROMPT_P, lora=None, n_predict=N_PREDICT)
-        assert leaked["cached"] > 0 and distance(leaked, fresh[None]) > 20 * TOL
-        # the same with an explicit list for the base alone: the cache is cleared, the answer is the base's
-        assert_same(s.complete(PROMPT_P, lora=serve.lora_list(2, None), n_predict=N_PREDICT), fresh[None], "base")
+        assert leaked["reused"] > 0 and distance(leaked, fresh[None]) > 20 * TOL
+        # and the wrong state stays: the slot now runs the start-up scales, so the next request for the base alone,
+        # even with an explicit list, sees no change of scales and reuses it
+        again = s.complete(PROMPT_P, lora=serve.lora_list(2, None), n_predict=N_PREDICT)
+        assert again["reused"] > 0 and distance(again, fresh[None]) > 20 * TOL
         # 2. RAM prompt cache: P with adapter 0, Q with adapter 1, P with adapter 1 restores P's adapter-0 state
         s.complete(PROMPT_P, lora=serve.lora_list(2, 0), n_predict=N_PREDICT)
         s.complete(PROMPT_Q, lora=serve.lora_list(2, 1), n_predict=N_PREDICT)
         leaked = s.complete(PROMPT_P, lora=serve.lora_list(2, 1), n_predict=N_PREDICT)
-        assert leaked["cached"] > 0 and distance(leaked, fresh[1]) > 20 * TOL
+        assert leaked["reused"] > 0 and distance(leaked, fresh[1]) > 20 * TOL
