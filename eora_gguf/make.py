@@ -274,7 +274,7 @@ def model_card(r: dict) -> str:
                   "perplexity.", "", "| model | adapter | KLD to F16 | ± | top-1 % | perplexity | ± |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for row in m["rows"]:
-            lines.append(f"| {row['model']} | {row['adapter'] or '–'} | {row['kld']:.4f} | {row['kld_stderr']:.4f} "
+            lines.append(f"| {row['model']} | {row['adapter'] or '–'} | {row['kld']:.4g} | {row['kld_stderr']:.2g} "
                          f"| {100 * row['top1']:.1f} | {row['ppl']:.3f} | {row['ppl_stderr']:.3f} |")
         lines.append("")
     c = r["commands"]
@@ -286,7 +286,8 @@ def model_card(r: dict) -> str:
               "(`--lora-scaled`); a request's `lora` list sets the scales for that request only (ids in the order "
               "loaded, listed by `/lora-adapters`). `--cache-ram 0` turns off the server's RAM prompt cache, which "
               "at this llama.cpp restores a saved prompt state by its tokens alone, whatever adapter computed it; "
-              "always send an explicit `lora` list — a request without one gets the server's start-up scales:", "",
+              "always send an explicit `lora` list, for the base alone too (every scale 0): a request without one runs "
+              "with the start-up scales but keeps the prompt state the previous request's adapter computed:", "",
               "```sh", c["server"], "```", "", "```sh", c["wait"], *c["requests"], c["list"], "```", ""]
     return "\n".join(lines)
 
