@@ -111,6 +111,19 @@ def test_make_two_adapters_card_and_reuse(tiny_hf, llama, tmp_path, capsys):
 
 
 @pytest.mark.llama_cpp
+def test_make_with_a_budget(tiny_hf, llama, tmp_path, capsys):
+    hf = tiny_hf("llama")
+    calib = words(tmp_path / "a.txt", 3000, seed=15)
+    out = tmp_path / "out"
+    res = run_json(capsys, ["make", hf, "-o", out, "--quant", "Q4_K_M", "--budget", "adapter:60KB", "--calib",
+                            f"x={calib}", "--samples", "8", "--seqlen", "64", "--no-imatrix", "--threads", "2"])
+    (a,) = res["adapters"]
+    assert a["bytes"] <= 60_000 and a["recorded"]["eora.budget"] == "adapter:60KB" and a["pairs"] >= 1
+    assert res["imatrix"] is False and not (out / "work" / "imatrix.gguf").exists() and res["measured"] is None
+    assert "Nothing was measured" in (out / "README.md").read_text()
+
+
+@pytest.mark.llama_cpp
 def test_make_refuses_bad_input_before_work(tiny_hf, tmp_path, capsys):
     hf = tiny_hf("llama")
     for extra, msg in ((["--rank", "8", "--budget", "adapter:1MB"], "not both"),

@@ -6,10 +6,12 @@ questions with their answers) and `gsm8k` (GSM8K problems with worked answers, i
 then judged on held-out text of every kind, disjoint from all calibration data — LAMBADA (`eval.txt`), the
 ARC-Challenge test split and GSM8K items 4..399, each rendered as calibration renders records (question, newline,
 answer) — by mean KL divergence to the F16 model, and on ARC-Challenge test accuracy (acc_norm, first --limit
-questions). Noise: every adapter is made a second time from another draw of calibration windows (seed 1) against
-the same base; the spread between the two draws is the run-to-run noise a difference has to beat.
+questions). Noise: the standard error of a KLD difference (from the two means' standard errors, as if independent:
+conservative, the two are measured on the same tokens), and with --draws 2 every adapter is made a second time from
+another draw of calibration windows (seed 1) against the same base: the spread between draws is the run-to-run
+noise. A difference counts when it exceeds both.
 
-    python tools/customize_check.py --json docs/customize.json [--quant Q2_K] [--rank 32] [--samples 32]
+    python tools/customize_check.py --json docs/customize.json [--quant Q2_K] [--rank 32] [--samples 32] [--draws 2]
 
 Everything is cached under --workdir (default eora-customize/): a re-run measures only what is missing.
 """
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8, help="KLD chunks of 512 tokens per text (default 8)")
     ap.add_argument("--limit", type=int, default=400, help="ARC-Challenge test questions scored (default 400)")
+    ap.add_argument("--draws", type=int, default=2, choices=(1, 2), help="calibration draws per adapter (default 2)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", required=True, help="output JSON (e.g. docs/customize.json)")
     args = ap.parse_args(argv)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.threads)
     base = out / made["base"]["file"]
     adapters = {(a["name"], 0): out / a["file"] for a in made["adapters"]}
-    for s in specs:  # a second draw of calibration windows, same base
+    for s in specs if args.draws > 1 else []:  # a second draw of calibration windows, same base
         stats = work / f"calib-{s.name}-seed1.safetensors"
         if not stats.is_file():
             compensate.calibrate(hf, s.spec, samples=args.samples, seqlen=args.seqlen, seed=1).save(stats)
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s seed %s: %s", name, seed, {k: round(v["kld"], 4) for k, v in row["kld"].items()})
 
     result = {"model": hf.name, "quant": args.quant, "rank": args.rank, "calib_tokens": args.samples * args.seqlen,
+              "draws": args.draws,
               "specs": {s.name: s.spec for s in specs}, "texts": {k: str(v) for k, v in texts.items()},
               "chunks": args.chunks, "arc_limit": args.limit, "base_bytes": base.stat().st_size,
               "rows": rows, "verdicts": verdicts(rows, list(texts)), "seconds": round(time.perf_counter() - t0, 1)}
@@ -133,21 +137,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def verdicts(rows: list[dict], texts: list[str]) -> list[dict]:
-    """Per text: its own adapter (same name: general, arc, gsm8k) against the best other one, each the mean of its
-    two draws, and the noise (the largest spread between two draws of one adapter on that text)."""
-    def kld(name: str, seed: int, text: str) -> float:
-        return next(r["kld"][text]["kld"] for r in rows if r["adapter"] == name and r["seed"] == seed)
+    """Per text: its own adapter (same name: general, arc, gsm8k) against the best other one (means over the draws),
+    with the noise: the standard error of the difference, and the largest spread between two draws of one adapter."""
+    def res(name: str, seed: int, text: str) -> dict:
+        return next(r["kld"][text] for r in rows if r["adapter"] == name and r["seed"] == seed)
 
     names = sorted({r["adapter"] for r in rows if r["seed"] is not None})
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     base = next(r["kld"] for r in rows if r["seed"] is None)
     out = []
     for text in texts:
-        mean = {n: (kld(n, 0, text) + kld(n, 1, text)) / 2 for n in names}
-        noise = max(abs(kld(n, 0, text) - kld(n, 1, text)) for n in names)
+        mean = {n: sum(res(n, s, text)["kld"] for s in seeds) / len(seeds) for n in names}
+        se = {n: max(res(n, s, text)["kld_stderr"] for s in seeds) for n in names}
+        spread = max(abs(res(n, seeds[0], text)["kld"] - res(n, seeds[-1], text)["kld"]) for n in names) \
+            if len(seeds) > 1 else None
         other = min((n for n in names if n != text), key=mean.get)
         margin = mean[other] - mean[text]
+        se_diff = (se[other] ** 2 + se[text] ** 2) ** 0.5
         out.append({"text": text, "base_kld": base[text]["kld"], "mean_kld": mean, "own": text,
-                    "best_other": other, "margin": margin, "noise": noise, "wins_beyond_noise": margin > noise})
+                    "best_other": other, "margin": margin, "stderr_of_difference": se_diff, "draw_spread": spread,
+                    "wins_beyond_noise": margin > max(se_diff, spread or 0.0)})
     return out
 
 
@@ -161,12 +170,13 @@ def table(result: dict) -> str:
         arc = r["arc_challenge"]
         lines.append(f"| {r['adapter']} | {'–' if r['seed'] is None else r['seed']} | " + " | ".join(cells) +
                      f" | {arc['acc_norm']:.1f} ± {arc['acc_norm_stderr']:.1f} |")
-    lines += ["", "| text | base KLD | own adapter | best other adapter | other − own (KLD) | draw-to-draw noise | "
-              "own adapter wins beyond noise |", "|---|---:|---|---|---:|---:|---|"]
+    lines += ["", "| text | base KLD | own adapter | best other adapter | other − own (KLD) | stderr of difference | "
+              "draw-to-draw spread | own adapter wins beyond noise |", "|---|---:|---|---|---:|---:|---:|---|"]
     for v in result["verdicts"]:
+        spread = "–" if v["draw_spread"] is None else f"{v['draw_spread']:.4f}"
         lines.append(f"| {v['text']} | {v['base_kld']:.4f} | {v['own']} {v['mean_kld'][v['own']]:.4f} | "
                      f"{v['best_other']} {v['mean_kld'][v['best_other']]:.4f} | {v['margin']:+.4f} | "
-                     f"{v['noise']:.4f} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
+                     f"{v['stderr_of_difference']:.4f} | {spread} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
     return "\n".join(lines)
 
 
