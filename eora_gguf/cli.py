@@ -377,10 +377,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
         desc["fit"] = check_fit(args.file, args.base)
     if args.json:
         return desc
-    out = {"table": format_info(desc)}
-    if args.base:
-        out["verdict"] = desc["fit"]["verdict"]
-    return out
+    return {"table": format_info(desc) + (f"\nverdict: {desc['fit']['verdict']}" if args.base else "")}
 
 
 def cmd_ladder(args: argparse.Namespace) -> dict:
