@@ -103,26 +103,26 @@ def main(argv: list[str] | None = None) -> int:
         return cache[key]
 
     configs = [("base", None, None)] + [(name, seed, path) for (name, seed), path in adapters.items()]
-    rows = []
-    for name, seed, path in configs:
-        lora = [path] if path else []
-        row = {"adapter": name, "seed": seed, "file": path.name if path else base.name, "kld": {}}
-        for text_name, text in texts.items():
-            ref, _ = llama_eval.kld_base(llama, f16, text, ctx=512, chunks=args.chunks, threads=args.threads,
-                                         cache=work / "kld")
-
-            def kld(lora=lora, ref=ref) -> dict:
+    rows = [{"adapter": name, "seed": seed, "file": path.name if path else base.name, "lora": [path] if path else [],
+             "kld": {}} for name, seed, path in configs]
+    for text_name, text in texts.items():  # every KLD first (the verdicts need them), task accuracy after
+        ref, _ = llama_eval.kld_base(llama, f16, text, ctx=512, chunks=args.chunks, threads=args.threads,
+                                     cache=work / "kld")
+        for row in rows:
+            def kld(lora=row["lora"], ref=ref) -> dict:
                 r = llama_eval.text_eval(llama, base, base=ref, lora=lora, threads=args.threads)
                 return {"kld": r.kld, "kld_stderr": r.kld_stderr, "top1": r.top1, "ppl": r.ppl,
                         "ppl_stderr": r.ppl_stderr, "tokens": r.tokens}
 
             row["kld"][text_name] = measured(f"kld|{row['file']}|{text_name}|{args.chunks}", kld)
+            log.info("%s seed %s on %s: KLD %.4f", row["adapter"], row["seed"], text_name,
+                     row["kld"][text_name]["kld"])
+    for row in rows:
         row["arc_challenge"] = measured(
             f"arc|{row['file']}|{args.limit}",
-            lambda lora=lora: evaluate(base, lora=lora, task_names=["arc_challenge"], limit=args.limit,
-                                       threads=args.threads, llama=llama)["tasks"]["arc_challenge"])
-        rows.append(row)
-        log.info("%s seed %s: %s", name, seed, {k: round(v["kld"], 4) for k, v in row["kld"].items()})
+            lambda lora=row["lora"]: evaluate(base, lora=lora, task_names=["arc_challenge"], limit=args.limit,
+                                              threads=args.threads, llama=llama)["tasks"]["arc_challenge"])
+        del row["lora"]
 
     result = {"model": hf.name, "quant": args.quant, "rank": args.rank, "calib_tokens": args.samples * args.seqlen,
               "draws": args.draws,
