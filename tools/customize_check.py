@@ -169,17 +169,17 @@ def table(result: dict) -> str:
     lines = ["| adapter | draw | " + " | ".join(f"KLD on {t} text" for t in texts) + " | ARC-Challenge acc_norm |",
              "|---|---|" + "---:|" * (len(texts) + 1)]
     for r in result["rows"]:
-        cells = [f"{r['kld'][t]['kld']:.4f} ± {r['kld'][t]['kld_stderr']:.4f}" for t in texts]
+        cells = [f"{r['kld'][t]['kld']:.4g} ± {r['kld'][t]['kld_stderr']:.2g}" for t in texts]
         arc = r.get("arc_challenge")
         lines.append(f"| {r['adapter']} | {'–' if r['seed'] is None else r['seed']} | " + " | ".join(cells) +
                      (f" | {arc['acc_norm']:.1f} ± {arc['acc_norm_stderr']:.1f} |" if arc else " | – |"))
     lines += ["", "| text | base KLD | own adapter | best other adapter | other − own (KLD) | stderr of difference | "
               "draw-to-draw spread | own adapter wins beyond noise |", "|---|---:|---|---|---:|---:|---:|---|"]
     for v in result["verdicts"]:
-        spread = "–" if v["draw_spread"] is None else f"{v['draw_spread']:.4f}"
-        lines.append(f"| {v['text']} | {v['base_kld']:.4f} | {v['own']} {v['mean_kld'][v['own']]:.4f} | "
-                     f"{v['best_other']} {v['mean_kld'][v['best_other']]:.4f} | {v['margin']:+.4f} | "
-                     f"{v['stderr_of_difference']:.4f} | {spread} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
+        spread = "–" if v["draw_spread"] is None else f"{v['draw_spread']:.3g}"
+        lines.append(f"| {v['text']} | {v['base_kld']:.4g} | {v['own']} {v['mean_kld'][v['own']]:.4g} | "
+                     f"{v['best_other']} {v['mean_kld'][v['best_other']]:.4g} | {v['margin']:+.3g} | "
+                     f"{v['stderr_of_difference']:.3g} | {spread} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
     return "\n".join(lines)
 
 
