@@ -15,8 +15,9 @@ Prompt caches, and why the card's command is what it is:
 - The RAM prompt cache (`--cache-ram`, default 8 GiB): a slot's state is saved there and restored by the longest
   token prefix, with no record of the adapter that computed it (server-task.cpp, `server_prompt_cache::load`),
   after which the scales look unchanged and nothing is cleared. `--cache-ram 0` turns it off.
-tests/test_serve.py checks both: the documented command returns, for every request, what a fresh evaluation of
-that base + adapter returns, and each leak appears without its guard.
+tests/test_serve.py checks both: with the documented command every request returns what the server computes for
+that base + adapter alone (fresh, or from that adapter's own cached prompt), and each leak appears without its
+guard.
 """
 from __future__ import annotations
 
