@@ -155,8 +155,8 @@ class Server:
 
     def complete(self, prompt: str, *, lora: list[dict] | None, n_predict: int = 8, n_probs: int = 5,
                  cache_prompt: bool = True) -> dict:
-        """Greedy completion; `lora=None` sends no `lora` field. Returns {tokens, content, logprobs (per generated
-        token), top (per token: {id: logprob} of the n_probs most likely), reused (prompt tokens taken from the
+        """Greedy completion; `lora=None` sends no `lora` field. Returns {tokens (an end-of-generation token
+        included, stop_type "eos"), content, stop_type, logprobs (per generated token), top (per token: {id: logprob} of the n_probs most likely), reused (prompt tokens taken from the
         cache instead of evaluated)}."""
         body: dict = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "n_probs": n_probs,
                       "return_tokens": True, "cache_prompt": cache_prompt, "seed": 0}
@@ -165,6 +165,7 @@ class Server:
         res = self.post("/completion", body)
         probs = res.get("completion_probabilities") or []
         return {"tokens": list(res.get("tokens") or []), "content": res.get("content", ""),
+                "stop_type": res.get("stop_type"),
                 "logprobs": [p["logprob"] for p in probs],
                 "top": [{t["id"]: t["logprob"] for t in p["top_logprobs"]} for p in probs],
                 "reused": int(res.get("tokens_evaluated", 0)) - int((res.get("timings") or {}).get("prompt_n", 0))}
