@@ -198,6 +198,15 @@ def check_gguf_lora(adapter: str | os.PathLike[str], base: GGUFModel | str | os.
             base_model.close()
 
 
+def lora_info(adapter: str | os.PathLike[str]) -> LoraInfo:
+    """An adapter's own metadata and pairs, checked as llama.cpp's loader checks them without a base."""
+    model = GGUFModel(adapter)
+    try:
+        return _pairs(model)[0]
+    finally:
+        model.close()
+
+
 def read_gguf_lora(adapter: str | os.PathLike[str]) -> tuple[LoraInfo, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Load an adapter's factors dequantized to float32: {base name: (B (n_out, r), A (r, n_in))}."""
     model = GGUFModel(adapter)

@@ -349,6 +349,37 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_make(args: argparse.Namespace) -> dict:
+    from . import assets
+    from .make import make, parse_calibs
+
+    _check_hf(args.hf_dir)
+    _check_text(args.text, "--text")
+    _check_memory(args.hf_dir, args.samples, args.seqlen)
+    res = make(Path(args.hf_dir), Path(args.output), quant=args.quant, calibs=parse_calibs(args.calib or ["demo"]),
+               rank=args.rank, budget=args.budget, method=args.method, adapter_type=args.adapter_type,
+               samples=args.samples, seqlen=args.seqlen, use_imatrix=not args.no_imatrix, peft=args.peft,
+               text=assets.text_file(args.text) if args.text else None, ctx=args.ctx, chunks=args.chunks or None,
+               threads=args.threads, port=args.port, prompt=args.prompt, force=args.force, verbose=args.verbose)
+    if args.json:
+        return res
+    return {"output": res["output"], "base": res["base"]["file"],
+            "adapters": ", ".join(a["file"] for a in res["adapters"]), "model card": f"{res['output']}/README.md"}
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    from .info import check_fit, describe, format_info
+
+    desc = describe(args.file)
+    if args.base:
+        if desc["kind"] != "adapter":
+            raise EoraError(f"--base checks an adapter against a base, but {args.file} is a {desc['kind']}")
+        desc["fit"] = check_fit(args.file, args.base)
+    if args.json:
+        return desc
+    return {"table": format_info(desc) + (f"\nverdict: {desc['fit']['verdict']}" if args.base else "")}
+
+
 def cmd_ladder(args: argparse.Namespace) -> dict:
     from . import assets
     from .ladder import DEFAULT_TYPES, run_ladder
@@ -557,6 +588,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("sweep", cmd_run, "quant types x ranks x methods, reusing one calibration: perplexity and task "
                                "accuracy of each, written to <workdir>/<model>/sweep.json (then `report`)")
     pipeline_options(sp, rank="0,16,64", method="eora,svd", tasks="arc_easy,arc_challenge")
+
+    sp = verb("make", cmd_make, "HF folder -> OUT_DIR ready to run: a quantized base GGUF (with our imatrix), one "
+                               "EoRA adapter per --calib spec, and a README.md model card with measurements and the "
+                               "llama-cli / llama-server commands; re-running reuses finished steps")
+    sp.add_argument("hf_dir", metavar="HF_DIR")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    sp.add_argument("--quant", required=True, metavar="TYPE", help="llama-quantize type of the base, e.g. Q4_K_M")
+    sp.add_argument("--rank", type=int, help="the rank of every tensor")
+    sp.add_argument("--budget", metavar="SPEC", help="instead of --rank: per-tensor ranks and types under a byte "
+                    "budget (95MB, 5.8bpw, adapter:6MB; see compensate --budget)")
+    sp.add_argument("--calib", action="append", metavar="[NAME=]SPEC",
+                    help="one adapter per --calib (repeatable), e.g. --calib general=demo --calib "
+                         "arc=arc_challenge:1,demo:1; the first one also makes the importance matrix (default: demo)")
+    sp.add_argument("--samples", type=int, default=32, help="calibration samples per spec (default 32)")
+    sp.add_argument("--seqlen", type=int, default=512, help="tokens per sample (default 512)")
+    sp.add_argument("--method", default="eora", help="eora (default), svd or diag")
+    sp.add_argument("--adapter-type", help="f16 (default with --rank), q8_0, ..., auto (default with --budget)")
+    sp.add_argument("--no-imatrix", action="store_true", help="quantize the base without an importance matrix")
+    sp.add_argument("--peft", action="store_true", help="also write each adapter as a PEFT folder")
+    sp.add_argument("--text", metavar="FILE", help="evaluation text (or built-in 'eval'): KL divergence to F16 and "
+                                                   "perplexity of the base with and without each adapter")
+    sp.add_argument("--ctx", type=int, default=512)
+    sp.add_argument("--chunks", type=int, default=16, help="evaluation chunks of --ctx tokens (default 16)")
+    sp.add_argument("--port", type=int, default=8080, help="port in the model card's llama-server command")
+    sp.add_argument("--prompt", default="The capital of France is", help="prompt in the model card's commands")
+    sp.add_argument("--threads", type=int)
+    sp.add_argument("--force", action="store_true", help="redo every step")
+
+    sp = verb("info", cmd_info, "what a GGUF is (model or adapter: ranks, calibration, base identity); with --base, "
+                               "whether an adapter fits that base")
+    sp.add_argument("file", metavar="FILE.gguf")
+    sp.add_argument("--base", metavar="BASE.gguf", help="check that the adapter FILE fits this base")
 
     sp = verb("ladder", cmd_ladder, "accuracy per byte: every stock quantization type with and without an "
                                    "importance matrix against the best base + EoRA adapter pair of no more bytes "

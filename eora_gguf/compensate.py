@@ -19,7 +19,7 @@ import torch
 
 from . import adapter as adapter_io
 from . import budget as budget_mod
-from . import calib_data, calibration, embedding, eora, importance
+from . import calib_data, calibration, embedding, eora, importance, info
 from .errors import EoraError, check_writable, staged_outputs
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
@@ -132,15 +132,16 @@ def gguf_quants_dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
 
 
 def calibration_ids(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int,
-                    tokenizer=None) -> torch.Tensor:
+                    tokenizer=None, seed: int = 0) -> torch.Tensor:
     tok = tokenizer if tokenizer is not None else load_tokenizer(hf_dir)
-    return calib_data.build_calibration(spec, tok, samples=samples, seqlen=seqlen)
+    return calib_data.build_calibration(spec, tok, samples=samples, seqlen=seqlen, seed=seed)
 
 
 def calibrate(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int, batch_size: int = 8,
-              tokenizer=None) -> calibration.CalibrationStats:
-    """Input covariances of every linear layer with original propagation: reusable across quants and ranks."""
-    ids = calibration_ids(hf_dir, spec, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
+              tokenizer=None, seed: int = 0) -> calibration.CalibrationStats:
+    """Input covariances of every linear layer with original propagation: reusable across quants and ranks.
+    seed: which windows of the calibration text are drawn (calib_data.build_calibration)."""
+    ids = calibration_ids(hf_dir, spec, samples=samples, seqlen=seqlen, tokenizer=tokenizer, seed=seed)
     stats, _ = calibration.stream(hf_dir, ids, batch_size=batch_size, propagate="original",
                                   calib_fingerprint=calib_data.calibration_fingerprint(spec, ids),
                                   return_hidden=False)
@@ -213,7 +214,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                tokenizer=None, budget: budget_mod.Budget | str | None = None,
                solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True,
                allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
-               embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None) -> Report:
+               embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None,
+               name: str | None = None) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -233,6 +235,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     (embedding.py; a tied token_embd cannot be), at `rank` (capped at the hidden size), with token counts
     smoothed by `embedding_smoothing` pseudo-counts; `embedding_stats` (an EmbeddingStats or its file) reuses
     statistics, otherwise they come from this run's calibration (not from `stats`). One rank for all (no budget).
+    name: the adapter's name, recorded in the file (`eora.name`, llama.cpp's `adapter.lora.task_name`); every
+    adapter also records its version, calibration and base identity (`info.provenance`).
     """
     if adapter_type is None:
         adapter_type = "f16" if budget is None and solution_out is None else "auto"
@@ -243,7 +247,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                                 samples=samples, seqlen=seqlen, propagate=propagate, adapter_type=adapter_type,
                                 peft_dir=peft_dir, eig_floor=eig_floor, batch_size=batch_size, also=also,
                                 tokenizer=tokenizer, allow_mismatch=allow_mismatch, embeddings=embeddings,
-                                embedding_smoothing=embedding_smoothing, embedding_stats=embedding_stats)
+                                embedding_smoothing=embedding_smoothing, embedding_stats=embedding_stats,
+                                name=name)
     if embeddings:
         raise EoraError("--embeddings goes with --rank (one rank for every tensor), not with --budget")
     if also:
@@ -262,7 +267,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
         sol.save(solution_out)
     if spec is None:
         raise EoraError("a solution alone was asked for: give --budget to write an adapter too")
-    report = adapt(sol, gguf_path, out, spec, adapter_type=adapter_type, peft_dir=peft_dir, hf_dir=hf_dir)
+    report = adapt(sol, gguf_path, out, spec, adapter_type=adapter_type, peft_dir=peft_dir, hf_dir=hf_dir,
+                   name=name)
     report.seconds = {**sol.meta.get("seconds", {}), "total": round(time.perf_counter() - t0, 2)}
     return report
 
@@ -363,7 +369,8 @@ def measure_importance(hf_dir: str | os.PathLike[str], base: GGUFModel, names: N
 
 def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str | os.PathLike[str],
           out: str | os.PathLike[str], budget: budget_mod.Budget | str, *, adapter_type: str = "auto",
-          peft_dir: str | os.PathLike[str] | None = None, hf_dir: str | os.PathLike[str] | None = None) -> Report:
+          peft_dir: str | os.PathLike[str] | None = None, hf_dir: str | os.PathLike[str] | None = None,
+          name: str | None = None) -> Report:
     """Write the adapter a budget buys from a saved solve (no solving): allocate, truncate, write, check.
 
     The written file never exceeds the budget (EoraError if it would; the accounting is exact, see budget.py).
@@ -384,7 +391,8 @@ def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str
         log.warning("the solution was solved against %s, not %s", sol.meta.get("base_model"), Path(gguf_path).name)
     metadata = {"eora.method": str(sol.meta.get("method", "eora")), "eora.rank": 0, "eora.propagate": "original",
                 "eora.base_model": Path(gguf_path).name, "eora.calibration": str(sol.meta.get("calibration")),
-                "eora.budget": spec.spec or f"{spec.kind}:{spec.value:g}"}
+                "eora.budget": spec.spec or f"{spec.kind}:{spec.value:g}",
+                **info.provenance(gguf_path, calib_tokens=sol.meta.get("calib_tokens"), name=name)}
     alloc = budget_mod.plan(sol, avail, dtypes=dtypes, metadata=metadata)
     if not alloc.ranks():
         raise EoraError(f"the budget leaves {avail} bytes for the adapter: not enough for rank 1 of any tensor")
@@ -453,7 +461,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                      propagate: str, adapter_type: str, peft_dir: str | os.PathLike[str] | None, eig_floor: float,
                      batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer,
                      allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
-                     embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None) -> Report:
+                     embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None,
+                     name: str | None = None) -> Report:
     """One rank for every tensor (see `compensate`)."""
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -501,7 +510,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
         t_cal = time.perf_counter() - t0
         arch = base.meta.arch
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
-                    "eora.base_model": Path(gguf_path).name, "eora.calibration": str(calib_meta["calibration"])}
+                    "eora.base_model": Path(gguf_path).name, "eora.calibration": str(calib_meta["calibration"]),
+                    **info.provenance(gguf_path, calib_tokens=calib_meta.get("calib_tokens"), name=name)}
         adapter_io.write_gguf_lora(out_tmp, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
         adapter_io.check_gguf_lora(out_tmp, base)
         for r, p in sorted(also_tmp.items()):

@@ -38,8 +38,10 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 COMMIT = "0c1e57098"
 
 # What we build by default. llama-cli in this llama.cpp is the chat client built on the server code, so the
-# server targets are configured too; llama-completion is the classic one-shot generator.
-TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench", "llama-cli", "llama-completion")
+# server targets are configured too (llama-server is one more link step); llama-completion is the classic one-shot
+# generator.
+TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-bench", "llama-cli", "llama-completion",
+         "llama-server")
 
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",

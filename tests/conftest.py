@@ -50,3 +50,21 @@ def tiny_gguf(tiny_hf, llama, tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smol_made(llama, tmp_path_factory):
+    """`eora-gguf make` on the SmolLM2 demo model (fetched on first use): Q4_K_M base, a general and an ARC adapter
+    (rank 32, 16 x 256 calibration tokens each), measured on 4 chunks of the demo eval text. (folder, make.json)"""
+    import json
+
+    from eora_gguf import assets, serve
+    from eora_gguf.cli import main
+
+    assets.fetch_demo()
+    out = tmp_path_factory.mktemp("smol") / "made"
+    argv = ["make", str(assets.demo_model_dir()), "-o", str(out), "--quant", "Q4_K_M", "--rank", "32",
+            "--calib", "general=demo", "--calib", "arc=arc_easy:1,arc_challenge:1", "--samples", "16", "--seqlen",
+            "256", "--text", "eval", "--chunks", "4", "--threads", "2", "--port", str(serve.free_port())]
+    assert main(argv) == 0
+    return out, json.loads((out / "make.json").read_text())

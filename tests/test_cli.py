@@ -29,7 +29,8 @@ def run_json(capsys, argv: list) -> dict:
 def test_module_help():
     res = subprocess.run([sys.executable, "-m", "eora_gguf", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    for verb in ("setup-llama-cpp", "fetch-demo", "convert", "quantize", "perplexity", "calibrate", "compensate", "run"):
+    for verb in ("setup-llama-cpp", "fetch-demo", "convert", "quantize", "perplexity", "calibrate", "compensate", "run",
+                 "make", "info"):
         assert verb in res.stdout
     res = subprocess.run([sys.executable, "-m", "eora_gguf", "compensate", "--help"], capture_output=True, text=True,
                          timeout=60)
