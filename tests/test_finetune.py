@@ -132,3 +132,14 @@ def test_examples_and_errors(setup, tmp_path):
         finetune(hf, base, tmp_path / "x.gguf", init="eora", data=str(data), tokenizer=tok, heldout=16)
     assert not (tmp_path / "x.gguf").exists()
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_finetune_cli_error_is_one_line(setup, tmp_path, capsys):
+    from eora_gguf.cli import main
+
+    hf, base, data, *_ = setup
+    capsys.readouterr()
+    rc = main(["finetune", "--hf", str(hf), "--gguf", str(base), "--init", "lora", "--data", "gsm8k",
+               "-o", str(tmp_path / "a.gguf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "evaluation (test) split" in err[0]

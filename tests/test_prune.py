@@ -171,3 +171,24 @@ def test_prune_refuses_bad_input(tiny_hf, tmp_path):
     with pytest.raises(EoraError):
         prune_model(src, src / "inside", sparsity="2:4", calib=_calib_text(tmp_path))
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_sparsegpt_unstructured(tiny_hf, tmp_path, capsys):
+    from tiny_models import hf_state
+
+    from eora_gguf.cli import main
+
+    src = tiny_hf("llama")
+    capsys.readouterr()  # building the tiny model (first use) writes progress bars
+    assert main(["prune", str(src), "-o", str(tmp_path / "p"), "--sparsity", "3:2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "N:M needs integers" in err[0]
+    argv = ["prune", str(src), "-o", str(tmp_path / "p"), "--sparsity", "0.5", "--method", "sparsegpt",
+            "--calib", _calib_text(tmp_path), "--samples", "2", "--seqlen", "32", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "sparsegpt" and 0 < res["mean_rel_output_error"] < 1
+    dense, sparse = hf_state(src), hf_state(tmp_path / "p")
+    w = sparse["model.layers.1.mlp.down_proj.weight"]
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()  # half of every row, chosen per block of 128 columns
+    assert not np.array_equal(w[w != 0], dense["model.layers.1.mlp.down_proj.weight"][w != 0])  # the OBS update
