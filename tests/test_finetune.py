@@ -131,7 +131,6 @@ def test_examples_and_errors(setup, tmp_path):
     with pytest.raises(EoraError, match="needs --calib"):
         finetune(hf, base, tmp_path / "x.gguf", init="eora", data=str(data), tokenizer=tok, heldout=16)
     assert not (tmp_path / "x.gguf").exists()
-    assert torch.get_default_dtype() == torch.float32
 
 
 def test_finetune_cli_error_is_one_line(setup, tmp_path, capsys):
@@ -143,3 +142,22 @@ def test_finetune_cli_error_is_one_line(setup, tmp_path, capsys):
                "-o", str(tmp_path / "a.gguf")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "evaluation (test) split" in err[0]
+
+
+def test_padded_batch_loss_equals_each_example_alone(setup):
+    """Left padding, position ids and logits kept for the answers only give the loss of unpadded examples."""
+    from eora_gguf.finetune import _batch, _loss
+    from eora_gguf.reconstruct import build_model
+
+    hf, base, data, _, tok, _ = setup
+    model = build_model(hf, base, dtype=torch.float64)
+    rows = encode(load_examples(str(data))[:5], tok, 32)
+    assert len({len(ids) for ids, _ in rows}) > 1  # the batch really is padded
+    loss, n = _loss(model, _batch(rows, 0, torch.device("cpu")))
+    total = 0.0
+    for ids, n_answer in rows:
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+        lp = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        total -= float(lp[-n_answer:].sum())
+    assert n == sum(k for _, k in rows)
+    assert abs(float(loss) - total / n) < 1e-9

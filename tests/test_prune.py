@@ -192,3 +192,30 @@ def test_prune_cli_sparsegpt_unstructured(tiny_hf, tmp_path, capsys):
     w = sparse["model.layers.1.mlp.down_proj.weight"]
     assert ((w == 0).sum(1) == w.shape[1] // 2).all()  # half of every row, chosen per block of 128 columns
     assert not np.array_equal(w[w != 0], dense["model.layers.1.mlp.down_proj.weight"][w != 0])  # the OBS update
+
+
+def test_run_prune_quantizes_the_pruned_model_and_compensates_against_the_dense(tiny_hf, llama, tmp_path, capsys):
+    """`run --prune 2:4`: the quantization is made from the pruned model, rows are labelled, the adapters are solved
+    against the dense model (so the pruned weights' own error is corrected too) and the dense F16 stays the
+    reference."""
+    from eora_gguf.cli import main
+    from eora_gguf.gguf_io import open_gguf
+
+    hf = tiny_hf("llama")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the quick brown fox jumps over the lazy dog, one two three four."] * 300))
+    argv = ["run", hf, "--prune", "2:4", "--quant", "Q8_0", "--rank", "8", "--method", "eora", "--chunks", "2",
+            "--ctx", "64", "--samples", "4", "--seqlen", "64", "--calib", calib, "--text", calib, "--workdir",
+            tmp_path / "work", "--threads", "2", "--no-imatrix", "--json"]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    res = json.loads(capsys.readouterr().out)
+    got = [(r["quant"], r["method"], r["rank"]) for r in res["rows"]]
+    assert got == [("F16", "-", 0), ("F16+2:4 wanda", "-", 0), ("Q8_0+2:4 wanda", "-", 0),
+                   ("Q8_0+2:4 wanda", "eora", 8)]
+    kld = [r["kld"] for r in res["rows"]]
+    assert kld[0] == 0 < kld[1] and kld[3] < kld[2]  # pruning costs, the adapter gives some of it back
+    work = tmp_path / "work" / hf.name
+    with open_gguf(work / "model-Q8_0-pruned-wanda-2of4.gguf") as m:  # Q8_0 keeps zeros exactly
+        w = torch.from_numpy(m.dequantize("blk.0.ffn_down.weight"))
+    assert nm_violations(w, 2, 4) == 0 and (w == 0).double().mean() == 0.5
