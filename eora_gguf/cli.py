@@ -549,9 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heldout", type=int, default=64, help="examples held out for the logged held-out loss")
     sp.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (default 25)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--calib", help="the EoRA init's calibration spec (default: the --data task's text)")
-    sp.add_argument("--samples", type=int, default=32, help="EoRA init calibration samples (default 32)")
-    sp.add_argument("--calib-seqlen", type=int, default=256, help="EoRA init calibration sample length")
+    sp.add_argument("--calib", default="demo,stories",
+                    help="the EoRA init's calibration spec (default demo,stories, as compensate)")
+    sp.add_argument("--samples", type=int, default=64, help="EoRA init calibration samples (default 64)")
+    sp.add_argument("--calib-seqlen", type=int, default=512, help="EoRA init calibration sample length (default "
+                                                                  "512)")
     sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32, q8_0, ...")
     sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder")
     sp.add_argument("--log", metavar="LOG.json", help="write the per-step loss log here")

@@ -3,7 +3,7 @@
 The base is the HF model rebuilt from the GGUF's own weights (`reconstruct.build_model`: what llama.cpp computes,
 dequantized to float32, every parameter frozen). A PEFT LoRA of rank r with lora_alpha = r (scale 1, as our
 adapters) sits on every decoder-layer linear (q, k, v, o, gate, up, down). Its initial factors are
-  - "eora": the EoRA solution, solved here on `calib` (default: the training data itself) — B A ≈ W − Wq;
+  - "eora": the EoRA solution, solved here on `calib` (default: compensate's general text) — B A ≈ W − Wq;
   - an adapter file: the factors of a GGUF LoRA written by `compensate` (rank uniform, scale 1);
   - "lora": PEFT's standard initialisation (A Kaiming-uniform, B = 0: the adapter starts as a no-op),
 so that the comparison changes the initial point only. Training minimises the cross-entropy of the answer tokens
@@ -157,14 +157,15 @@ def _init_factors(init: str, hf_dir: Path, gguf_path: Path, *, rank: int, calib:
 def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
              init: str, data: str, rank: int = 64, steps: int = 200, lr: float = 1e-4, batch_size: int = 8,
              seqlen: int = 128, heldout: int = 64, eval_every: int = 25, seed: int = 0,
-             calib: str | None = None, calib_samples: int = 32, calib_seqlen: int = 256,
+             calib: str = "demo,stories", calib_samples: int = 64, calib_seqlen: int = 512,
              log_path: str | os.PathLike[str] | None = None, peft_dir: str | os.PathLike[str] | None = None,
              adapter_type: str = "f16", tokenizer=None, device: str | None = None) -> dict[str, Any]:
     """Train a rank-`rank` LoRA on the dequantized GGUF base (see the module docstring); write the GGUF adapter
     `out` (+ the PEFT folder `peft_dir`, + the per-step log `log_path` as JSON). Returns the log.
 
-    init: "eora", "lora" or a GGUF LoRA file (its rank is used). calib: the EoRA init's calibration spec
-    (default: `data` when it is a built-in task, else required). device: torch device (default: CUDA if present).
+    init: "eora", "lora" or a GGUF LoRA file (its rank is used). calib: the EoRA init's calibration spec (default:
+    the general text `compensate` uses; not the task's, whose held-out part would leak into the init).
+    device: torch device (default: CUDA if present).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -185,12 +186,6 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
     examples = load_examples(data)
     if len(examples) < heldout + batch_size:
         raise EoraError(f"--data {data} has {len(examples)} examples: fewer than {heldout} held out + one batch")
-    if init == "eora" and calib is None:
-        from .calib_data import BUILTIN_NAMES
-
-        if data.removesuffix("_val") not in BUILTIN_NAMES:
-            raise EoraError("--init eora on a data file needs --calib (calibration text for the EoRA solve)")
-        calib = data.removesuffix("_val")  # the same validation questions with their answers
     tok = tokenizer if tokenizer is not None else load_tokenizer(hf)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,7 +197,7 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
                     if peft_dir is not None else None)
         log_tmp = staging.file(log_path, suffix=".json", inputs=[*inputs, out]) if log_path is not None else None
         t0 = time.perf_counter()
-        factors = _init_factors(init, hf, base_path, rank=rank, calib=calib or "", samples=calib_samples,
+        factors = _init_factors(init, hf, base_path, rank=rank, calib=calib, samples=calib_samples,
                                 seqlen=calib_seqlen, tokenizer=tok)
         if factors is not None:
             ranks = {a.shape[0] for _, a in factors.values()}

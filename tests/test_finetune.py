@@ -128,8 +128,8 @@ def test_examples_and_errors(setup, tmp_path):
         load_examples(str(bad))
     with pytest.raises(EoraError, match="neither"):
         finetune(hf, base, tmp_path / "x.gguf", init="nothing.gguf", data=str(data), tokenizer=tok, heldout=16)
-    with pytest.raises(EoraError, match="needs --calib"):
-        finetune(hf, base, tmp_path / "x.gguf", init="eora", data=str(data), tokenizer=tok, heldout=16)
+    with pytest.raises(EoraError, match="rank"):
+        finetune(hf, base, tmp_path / "x.gguf", init="lora", data=str(data), tokenizer=tok, heldout=16, rank=0)
     assert not (tmp_path / "x.gguf").exists()
 
 

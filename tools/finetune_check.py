@@ -1,8 +1,8 @@
 """Fine-tuning from EoRA vs the standard LoRA initialisation on a compressed SmolLM2, judged through llama.cpp.
 
-1. The EoRA init: `compensate` of the base GGUF (`--base`, default the 2:4 Wanda + Q4_K_M model that
-   tools/prune_check.py made) against the dense demo model at rank `--rank`, calibrated on the training task's
-   text (ARC-Easy validation questions with their answers).
+1. The EoRA init: the rank-64 EoRA adapter tools/prune_check.py solved for the base GGUF (`--base`, default its
+   2:4 Wanda + Q4_K_M model) against the dense demo model, calibrated on general text (demo,stories), not on
+   the task (so the held-out questions cannot leak into the init).
 2. `finetune` twice with everything equal but the init: from that adapter, and from PEFT's standard init
    (A Kaiming-uniform, B = 0), `--steps` steps of AdamW, the same seeded batches (ARC-Easy validation split,
    `--heldout` questions held out; answer tokens carry the loss). The loss of every step's batch and the held-out
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from eora_gguf import assets, compensate, evaluate, finetune
+from eora_gguf import assets, evaluate, finetune
 from eora_gguf.errors import atomic_output
 
 
@@ -32,6 +32,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="eora-out")
     ap.add_argument("--base", help="base GGUF (default: the 2:4 Wanda + Q4_K_M model of tools/prune_check.py)")
+    ap.add_argument("--init", help="the EoRA adapter to start from (default: prune_check's rank-64 EoRA adapter of "
+                                   "the default base)")
     ap.add_argument("--data", default="arc_easy_val")
     ap.add_argument("--task", default="arc_easy")
     ap.add_argument("--rank", type=int, default=64)
@@ -50,10 +52,7 @@ def main() -> int:
     out = work / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    init = out / f"eora-init-r{args.rank}.gguf"
-    if not init.is_file():
-        compensate.compensate(hf, base, init, rank=args.rank, method="eora", calib=args.data.removesuffix("_val"),
-                              samples=32, seqlen=256)
+    init = Path(args.init) if args.init else work / f"adapter-Q4_K_M-pruned-wanda-2of4-eora-r{args.rank}-f16.gguf"
     result: dict = {"model": hf.name, "base": base.name, "data": args.data, "task": args.task, "rank": args.rank,
                     "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seqlen": args.seqlen,
                     "limit": args.limit, "torch_threads": torch.get_num_threads(), "runs": {}}
