@@ -5,13 +5,14 @@ For each pruning method (`--methods`, default wanda): `eora-gguf run --prune 2:4
 quantized to Q4_K_M (with the importance matrix of the dense model's calibration statistics, as `run` does),
 rank-64 EoRA and plain-SVD adapters solved against the *dense* HF model, every configuration measured by
 llama-perplexity: mean KL divergence to the dense F16 model, top-1 agreement and perplexity on LAMBADA
-(`--chunks` x 512 tokens). The same `run` without --prune gives the dense Q4_K_M rows for context. All steps reuse
-the files in --workdir (one conversion, one calibration, one pruning per method).
+(`--chunks` x 512 tokens; calibration and pruning on `--samples` x 512 tokens). With --dense, the same `run` without
+--prune gives the dense Q4_K_M rows for context. All steps reuse the files in --workdir (one conversion, one calibration,
+one pruning per method).
 
 The pruned HF folders are checked for the N:M pattern on every decoder-layer linear (`prune.nm_violations`), and
 their `pruning.json` is copied into the output.
 
-    nice -n 15 python tools/prune_check.py [--workdir eora-out] [--methods wanda,sparsegpt] [--chunks 32]
+    nice -n 15 python tools/prune_check.py [--workdir eora-out] [--methods wanda,sparsegpt] [--chunks 16] [--samples 16] [--dense]
 
 Writes docs/prune_check.json (rows as `run` writes them, with the commands that made them).
 """
@@ -57,18 +58,18 @@ def main() -> int:
     ap.add_argument("--sparsity", default="2:4")
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--rank", default="64")
-    ap.add_argument("--chunks", default="32")
+    ap.add_argument("--chunks", default="16", help="evaluation chunks of 512 tokens (default 16)")
+    ap.add_argument("--samples", default="16", help="calibration (and pruning) samples of 512 tokens (default 16)")
+    ap.add_argument("--dense", action="store_true", help="also the dense Q4_K_M (+ adapters) for context")
     ap.add_argument("-o", "--output", default="docs/prune_check.json")
     args = ap.parse_args()
     hf = assets.demo_model_dir()
     summary = Path(args.workdir) / hf.name / "summary.json"
     common = ["--quant", args.quant, "--rank", args.rank, "--method", "eora,svd", "--chunks", args.chunks,
-              "--workdir", args.workdir, "--json"]
+              "--samples", args.samples, "--workdir", args.workdir, "--json"]
     t0 = time.perf_counter()
     result: dict = {"model": hf.name, "sparsity": args.sparsity, "quant": args.quant, "rank": int(args.rank),
-                    "runs": {}}
-    cmd = ["run", *common]
-    result["runs"]["dense"] = {"command": "eora-gguf " + " ".join(cmd), "summary": _run(cmd, summary)}
+                    "calib_samples": int(args.samples), "chunks": int(args.chunks), "runs": {}}
     sp = Sparsity.parse(args.sparsity)
     for method in args.methods.split(","):
         cmd = ["run", "--prune", args.sparsity, "--prune-method", method, *common]
@@ -77,6 +78,9 @@ def main() -> int:
         result["runs"][method] = {"command": "eora-gguf " + " ".join(cmd), "summary": res,
                                   "pattern": _pattern(folder, sp),
                                   "pruning": json.loads((folder / "pruning.json").read_text())}
+    if args.dense:
+        cmd = ["run", *common]
+        result["runs"]["dense"] = {"command": "eora-gguf " + " ".join(cmd), "summary": _run(cmd, summary)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["torch_threads"] = torch.get_num_threads()
     with atomic_output(args.output) as tmp:
