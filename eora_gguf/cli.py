@@ -275,6 +275,31 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_prune(args: argparse.Namespace) -> dict:
+    from .prune import Sparsity, prune_model
+
+    _check_hf(args.hf_dir)
+    sparsity = Sparsity.parse(args.sparsity)
+    _check_memory(args.hf_dir, args.samples, args.seqlen)
+    return prune_model(args.hf_dir, args.output, sparsity=sparsity, method=args.method, calib=args.calib,
+                       samples=args.samples, seqlen=args.seqlen)
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    from .finetune import finetune
+
+    _check_hf(args.hf)
+    rec = finetune(args.hf, args.gguf, args.output, init=args.init, data=args.data, rank=args.rank,
+                   steps=args.steps, lr=args.lr, batch_size=args.batch_size, seqlen=args.seqlen,
+                   heldout=args.heldout, eval_every=args.eval_every, seed=args.seed, calib=args.calib,
+                   calib_samples=args.samples, calib_seqlen=args.calib_seqlen, log_path=args.log,
+                   peft_dir=args.peft, adapter_type=args.adapter_type)
+    held = [e["heldout_loss"] for e in rec["log"] if "heldout_loss" in e]
+    return {"output": args.output, "init": rec["init"], "rank": rec["rank"], "steps": rec["steps"],
+            "heldout_loss_start": held[0], "heldout_loss_end": held[-1], "log": args.log,
+            "train_seconds": rec["seconds"]["train"]}
+
+
 def cmd_adapt(args: argparse.Namespace) -> dict:
     from . import compensate
     from .errors import check_output
@@ -313,6 +338,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
     if args.hf_dir:
         _check_hf(args.hf_dir)
         _check_memory(args.hf_dir, args.samples, args.seqlen)
+    if args.prune:
+        from .prune import METHODS, Sparsity
+
+        Sparsity.parse(args.prune)
+        if args.prune_method not in METHODS:
+            raise EoraError(f"unknown --prune-method {args.prune_method!r}: choose one of {', '.join(METHODS)}")
     work = Path(args.workdir)
     if work.exists() and not work.is_dir():
         raise EoraError(f"--workdir {work} is a file: give a folder")
@@ -520,6 +551,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pseudo-count added to every token's calibration count for token_embd (default 0)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
+    sp = verb("prune", cmd_prune, "prune an HF model (Wanda or SparseGPT, N:M or unstructured) layer by layer on "
+                                 "calibration text into an HF folder with zeros; convert/quantize it and compensate "
+                                 "it against the dense model")
+    sp.add_argument("hf_dir", metavar="HF_DIR")
+    sp.add_argument("-o", "--output", required=True, metavar="PRUNED_DIR")
+    sp.add_argument("--sparsity", default="2:4", help="N:M (2:4, 4:8: at most N non-zeros in every M inputs) or a "
+                                                      "fraction pruned per row (0.5); default 2:4")
+    sp.add_argument("--method", default="wanda", help="wanda (default: |W|·‖x‖) or sparsegpt (OBS update)")
+    calib_options(sp)
+
+    sp = verb("finetune", cmd_finetune, "LoRA fine-tuning (PEFT) of an adapter on the frozen dequantized GGUF base, "
+                                       "initialised from EoRA, an adapter file or the standard LoRA init; writes "
+                                       "a GGUF LoRA")
+    sp.add_argument("--hf", required=True, metavar="HF_DIR", help="the original HF model (config, tokenizer; the "
+                                                                  "EoRA init's W)")
+    sp.add_argument("--gguf", required=True, metavar="BASE.gguf", help="the quantized GGUF to train on (frozen)")
+    sp.add_argument("--init", required=True, metavar="ADAPTER.gguf|eora|lora",
+                    help="eora (solve EoRA on --calib first), an adapter file, or lora (A random, B = 0)")
+    sp.add_argument("--data", required=True, metavar="SPEC",
+                    help="arc_easy_val or arc_challenge_val (ARC validation splits), or a .jsonl of ARC rows "
+                         "(query, choices, gold) or prompt/completion pairs")
+    sp.add_argument("--rank", type=int, default=64, help="LoRA rank for eora/lora (default 64)")
+    sp.add_argument("--steps", type=int, default=200)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--seqlen", type=int, default=128, help="longest training sequence in tokens (default 128)")
+    sp.add_argument("--heldout", type=int, default=64, help="examples held out for the logged held-out loss")
+    sp.add_argument("--eval-every", type=int, default=25, help="held-out loss every N steps (default 25)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--calib", default="demo,stories",
+                    help="the EoRA init's calibration spec (default demo,stories, as compensate)")
+    sp.add_argument("--samples", type=int, default=64, help="EoRA init calibration samples (default 64)")
+    sp.add_argument("--calib-seqlen", type=int, default=512, help="EoRA init calibration sample length (default "
+                                                                  "512)")
+    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32, q8_0, ...")
+    sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder")
+    sp.add_argument("--log", metavar="LOG.json", help="write the per-step loss log here")
+    sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
+
     sp = verb("adapt", cmd_adapt, "write the adapter a byte budget buys from a saved solve (compensate --budget "
                                    "--solution), without solving again")
     sp.add_argument("--solution", required=True, metavar="SOLUTION.safetensors")
@@ -550,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated methods: eora, svd, diag (default {method})")
         sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32, q8_0, q5_1, q5_0, q4_1 or q4_0")
         calib_options(sp)
+        sp.add_argument("--prune", metavar="N:M|FRACTION",
+                        help="prune the model first (e.g. 2:4, on the calibration text; see `prune`), quantize the "
+                             "pruned model and compensate it against the dense one")
+        sp.add_argument("--prune-method", default="wanda", help="with --prune: wanda (default) or sparsegpt")
         sp.add_argument("--no-imatrix", action="store_true",
                         help="quantize without an importance matrix (default: one made from the calibration "
                              "statistics, as serious GGUF publishers quantize)")

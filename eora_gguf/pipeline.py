@@ -66,6 +66,7 @@ def run_all(args: argparse.Namespace) -> dict:
         log.info("converting %s -> %s", hf_dir, base)
         llamacpp.convert(llama, hf_dir, base, outtype="f16", verbose=args.verbose)
     n_weights = compensate.n_params(base)
+    pruned_base, tag = _pruned_base(args, llama, hf_dir, work, fresh)
 
     use_imatrix = not getattr(args, "no_imatrix", False)
     stats_file = imatrix_file = None
@@ -86,11 +87,11 @@ def run_all(args: argparse.Namespace) -> dict:
 
     quant_files = {}
     for q in quants:
-        quant_files[q] = work / f"model-{q}{'-imatrix' if use_imatrix else ''}.gguf"
+        quant_files[q] = work / f"model-{q}{tag}{'-imatrix' if use_imatrix else ''}.gguf"
         if fresh(quant_files[q]):
             log.info("quantizing -> %s", quant_files[q])
-            llamacpp.quantize(llama, base, quant_files[q], q, imatrix=imatrix_file, threads=args.threads,
-                              verbose=args.verbose)
+            llamacpp.quantize(llama, pruned_base or base, quant_files[q], q, imatrix=imatrix_file,
+                              threads=args.threads, verbose=args.verbose)
 
     def measure(model: Path, lora: list[Path]) -> dict:
         return _evaluate_cached(work, model, lora, text, args, llama, reference=base)
@@ -98,11 +99,14 @@ def run_all(args: argparse.Namespace) -> dict:
     f16 = measure(base, [])
     ppl_f16 = f16["perplexity"]["ppl"]
     rows = [_row("F16", "-", 0, f16, base, None, n_weights, None, None)]
+    label = f"+{args.prune} {args.prune_method}" if pruned_base else ""
+    if pruned_base:
+        rows.append(_row(f"F16{label}", "-", 0, measure(pruned_base, []), pruned_base, None, n_weights, None, None))
     for q in quants:
         plain = measure(quant_files[q], [])
-        rows.append(_row(q, "-", 0, plain, quant_files[q], None, n_weights, None, None))
+        rows.append(_row(f"{q}{label}", "-", 0, plain, quant_files[q], None, n_weights, None, None))
         for method in methods:
-            adapters = {r: work / f"adapter-{q}-{method}-r{r}-{args.adapter_type}.gguf" for r in ranks if r}
+            adapters = {r: work / f"adapter-{q}{tag}-{method}-r{r}-{args.adapter_type}.gguf" for r in ranks if r}
             if adapters and any(fresh(p) for p in adapters.values()):
                 top = max(adapters)
                 log.info("compensating %s: %s rank %s", q, method, ",".join(map(str, adapters)))
@@ -111,18 +115,42 @@ def run_all(args: argparse.Namespace) -> dict:
                                       also={r: p for r, p in adapters.items() if r != top})
             for rank, adapter in adapters.items():
                 res = measure(quant_files[q], [adapter])
-                rows.append(_row(q, method, rank, res, quant_files[q], adapter, n_weights, f16, plain))
+                rows.append(_row(f"{q}{label}", method, rank, res, quant_files[q], adapter, n_weights, f16, plain))
 
     summary = {"hf_dir": str(hf_dir), "model_name": hf_dir.name, "text": str(text), "ctx": args.ctx,
                "chunks": args.chunks, "calib": args.calib, "imatrix": str(imatrix_file) if imatrix_file else None,
                "calib_tokens": args.samples * args.seqlen if stats_file else 0, "tasks": task_names,
-               "limit": limit, "n_weights": n_weights, "ppl_f16": ppl_f16, "rows": rows}
+               "limit": limit, "n_weights": n_weights, "ppl_f16": ppl_f16, "rows": rows,
+               "prune": {"sparsity": args.prune, "method": args.prune_method} if pruned_base else None}
     out_json = work / ("sweep.json" if task_names else "summary.json")
     with atomic_output(out_json) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     summary["summary_file"] = str(out_json)
     summary["table"] = format_table(rows)
     return summary
+
+
+def _pruned_base(args: argparse.Namespace, llama: llamacpp.LlamaCpp, hf_dir: Path, work: Path,
+                 fresh) -> tuple[Path | None, str]:
+    """With --prune: the pruned HF folder (on the calibration text) and its F16 GGUF, which the quantizations are
+    made from; adapters are still solved against the dense `hf_dir`, so they correct pruning and quantization
+    together. Returns (that GGUF or None, the file-name tag)."""
+    if not getattr(args, "prune", None):
+        return None, ""
+    from .prune import Sparsity, prune_model
+
+    sparsity = Sparsity.parse(args.prune)
+    key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
+    tag = f"-pruned-{args.prune_method}-{str(sparsity).replace(':', 'of')}"
+    folder = work / f"hf{tag}-{key}"
+    if args.force or not (folder / "pruning.json").is_file():
+        log.info("pruning %s to %s (%s) on %s", hf_dir.name, sparsity, args.prune_method, args.calib)
+        prune_model(hf_dir, folder, sparsity=sparsity, method=args.prune_method, calib=args.calib,
+                    samples=args.samples, seqlen=args.seqlen)
+    gguf_path = work / f"model{tag}-F16.gguf"
+    if fresh(gguf_path):
+        llamacpp.convert(llama, folder, gguf_path, outtype="f16", verbose=args.verbose)
+    return gguf_path, tag
 
 
 def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args: argparse.Namespace,
