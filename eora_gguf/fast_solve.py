@@ -110,7 +110,7 @@ def fast_eora(delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int, *, eig
     lower bound on the optimum). Works on whatever device the inputs are on.
     """
     with exact._threads_for(delta_w):
-        dw = exact._as_matrix(delta_w, "delta_w", name)
+        dw = _matrix(delta_w, "delta_w", name)
         d_out, d_in = dw.shape
         exact._check_rank(rank, dw.shape, name)
         apply_c = _c_operator(cov, d_in, eig_floor, name, diagonal)
@@ -156,13 +156,13 @@ def _krylov(gram, n: int, k: int, cap: int, rank: int, eps: float, trace: float 
         products.append(gram(q))
         basis, gq = torch.cat(blocks, 1), torch.cat(products, 1)
         m = basis.shape[1]
-        nxt = _orth_against(products[-1], basis) if m + k <= cap else None
-        full = m >= n or (m + k <= cap and nxt is None)  # span(Q) is G-invariant: its Ritz pairs are exact
-        if len(blocks) >= 2 or m + k > cap or full:
+        nxt = _orth_against(products[-1], basis) if m < cap else None
+        full = m >= n or (m < cap and nxt is None)  # span(Q) is G-invariant: its Ritz pairs are exact
+        if len(blocks) >= 2 or m >= cap or full:
             theta, u, cert = _validate(basis, gq, rank, eps, trace, len(blocks), gram, gen, full)
-            if cert.certified or m + k > cap or full:
+            if cert.certified or m >= cap or full:
                 return theta, u, cert
-        q = nxt  # type: ignore[assignment]
+        q = nxt[:, :cap - m]  # type: ignore[index]  # the last block may be cut to end at `cap` columns
 
 
 def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str | None, diagonal: bool):
@@ -183,14 +183,41 @@ def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str
         d = d.clamp(min=eig_floor * dmax)  # the same floor as eora.diag
         d32 = d.to(torch.float32)
         return lambda y: (d if y.dtype == torch.float64 else d32)[:, None] * y
-    c = exact._as_cov(cov, d_in, name)
-    lam_max = exact._lambda_max(c)
+    c = _matrix(cov, "covariance", name)  # symmetric by construction (Σ x xᵀ); not symmetrised here
+    if c.shape != (d_in, d_in):
+        exact._as_cov(c, d_in, name)  # its one-line error
+    c32 = c.to(torch.float32)
+    lam_max = _lambda_max(c32)
     if lam_max <= 0.0:
         raise exact.EoraError(f"{exact._who(name)}: the calibration covariance is zero: no activations reached "
                               "this layer")
     tau = eig_floor * lam_max
-    c32 = c.to(torch.float32)
     return lambda y: (c if y.dtype == torch.float64 else c32) @ y + tau * y
+
+
+def _matrix(x: torch.Tensor, what: str, name: str | None) -> torch.Tensor:
+    """`eora._as_matrix` with a cheaper finiteness test (one sum: NaN/Inf anywhere make it non-finite)."""
+    t = torch.as_tensor(x).to(torch.float64)
+    if t.ndim != 2 or 0 in t.shape:
+        raise exact.EoraError(f"{exact._who(name)}: {what} must be a non-empty 2-D matrix, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t.sum())):
+        raise exact.EoraError(f"{exact._who(name)}: {what} has NaN or Inf entries: check the original and quantized "
+                              "weights")
+    return t
+
+
+def _lambda_max(c: torch.Tensor, iters: int = 12) -> float:
+    """λ_max(C) within a few percent (power iteration; at least max C_ii): it only sets the ridge's size."""
+    x = torch.diagonal(c).clamp(min=0.0).sqrt() + 1.0 / c.shape[0] ** 0.5
+    est = 0.0
+    for _ in range(iters):
+        y = c @ x
+        n = float(torch.linalg.vector_norm(y))
+        if n == 0.0:
+            break
+        est = float(x @ y) / float(x @ x)
+        x = y / n
+    return max(est, float(torch.diagonal(c).max()))
 
 
 def _orth_against(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor | None:
@@ -211,14 +238,15 @@ def _orth_against(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor | None:
 
 
 def _probes(basis: torch.Tensor, gram, gen: torch.Generator) -> torch.Tensor:
-    """ωᵢᵀ G ωᵢ (PROBES,) for Gaussian ωᵢ projected onto the complement of span(basis): tr(D_Q) estimates."""
+    """ωᵢᵀ G ωᵢ (PROBES,) for Gaussian ωᵢ projected onto the complement of span(basis): tr(D_Q) estimates
+    (in the basis's precision, float64 results scaled down by 1e-4 to cover float32 rounding)."""
     n = basis.shape[0]
     if basis.shape[1] >= n:
         return torch.zeros(PROBES, dtype=torch.float64)
-    w = torch.randn(n, PROBES, dtype=torch.float64, device=basis.device, generator=gen)
+    w = torch.randn(n, PROBES, dtype=basis.dtype, device=basis.device, generator=gen)
     for _ in range(2):
         w = w - basis @ (basis.T @ w)
-    return (w * gram(w)).sum(0)
+    return (w * gram(w)).sum(0).double() * (1.0 - 1e-4)
 
 
 def _trace_low(probes: torch.Tensor, lam_max: float) -> float:
@@ -262,10 +290,9 @@ def _validate(basis: torch.Tensor, gq: torch.Tensor, rank: int, eps: float, trac
     tail_low = float(vals[rank:].sum()) * (1.0 - 1e-4)  # interlacing; the margin covers float32 rounding
     y32 = vecs[:, :r1].to(basis.dtype)
     bound32, lam_d = _bound(vals[:r1], (gq @ y32 - (basis @ y32) * vals[:r1].to(basis.dtype)).double(), rank)
-    probes = _probes(basis.double(), gram, gen)
-    trace_q = float(vals.sum()) * (1.0 - 1e-4) + _trace_low(probes, lam_d)  # ≤ tr(G) (w.p. 1 - 1e-6)
-    if trace is not None:
-        trace_q = max(trace_q, float(trace))
+    trace_q = float(vals.sum()) * (1.0 - 1e-4) if trace is None else float(trace)  # ≤ tr(G)
+    if trace is None and not bound32 <= eps * tail_low:  # the interlacing bound is not enough: probe the rest
+        trace_q += _trace_low(_probes(basis, gram, gen), lam_d)  # still ≤ tr(G), with probability ≥ 1 - 1e-6
     low32 = max(tail_low, trace_q - float(vals[:rank].sum()) - bound32)
     cert = Certificate(bound32, low32, m, blocks, False)
     if not (full or bound32 <= eps * low32):
