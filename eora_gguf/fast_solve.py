@@ -69,10 +69,14 @@ class Certificate:
         return self.bound / self.optimum_low if self.optimum_low > 0 else math.inf
 
 
-def use_fast(solver: str, shape: tuple[int, int], rank: int) -> bool:
-    """Whether `solver` ('auto', 'exact', 'fast') picks the fast path for a weight of `shape` at `rank`."""
+def check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise exact.EoraError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+
+
+def use_fast(solver: str, shape: tuple[int, int], rank: int) -> bool:
+    """Whether `solver` ('auto', 'exact', 'fast') picks the fast path for a weight of `shape` at `rank`."""
+    check_solver(solver)
     if solver == "auto":
         small = min(shape)
         return small > FAST_MIN_DIM and rank * FAST_MAX_RANK_SHARE <= small
