@@ -111,9 +111,9 @@ class Checkpoint:
             path = self.dir / f"layer-{layer}.safetensors"
             try:
                 with safe_open(str(path), framework="numpy") as fh:
-                    rows.update(json.loads((fh.metadata() or {})["rows"]))
-                    names = {k.rsplit(".", 1)[0] for k in fh.keys()}
-                    for n in names:
+                    layer_rows = json.loads((fh.metadata() or {})["rows"])
+                    rows.update(layer_rows)
+                    for n in layer_rows:  # in the order they were solved: the adapter lists tensors in this order
                         factors[n] = (fh.get_tensor(f"{n}.lora_b"), fh.get_tensor(f"{n}.lora_a"))
             except Exception as exc:  # a missing or damaged file: safetensors raises several types
                 raise EoraError(f"cannot read {path} ({str(exc).splitlines()[0][:200]}): delete {self.dir} to "
