@@ -283,6 +283,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                                 solver=solver, device=device, resume=resume)
     if embeddings:
         raise EoraError("--embeddings goes with --rank (one rank for every tensor), not with --budget")
+    if distributed.active():
+        raise EoraError("--budget runs in one process: run it without torchrun, or give --rank")
     if also:
         raise EoraError("--budget chooses the ranks itself: extra ranks (also) do not apply")
     spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
@@ -294,7 +296,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     sol = solve(hf_dir, gguf_path, max_rank=rank or budget_mod.MAX_RANK, method=method, calib=calib, stats=stats,
                 allow_mismatch=allow_mismatch,
                 samples=samples, seqlen=seqlen, adapter_types=dtypes, eig_floor=eig_floor, batch_size=batch_size,
-                tokenizer=tokenizer, importance_weights=importance_weights, solver=solver)
+                tokenizer=tokenizer, importance_weights=importance_weights, solver=solver, device=device)
     if solution_out is not None:
         sol.save(solution_out)
     if spec is None:
@@ -319,7 +321,7 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
           seqlen: int = 512, adapter_types: tuple[str, ...] = budget_mod.AUTO_TYPES, eig_floor: float = 1e-6,
           batch_size: int = 8, tokenizer=None, importance_weights: bool = True, importance_samples: int = 16,
           importance_seqlen: int = 128, importance_draws: int = 8, allow_mismatch: bool = False,
-          solver: str = "auto") -> budget_mod.Solution:
+          solver: str = "auto", device: str | None = None) -> budget_mod.Solution:
     """Solve every tensor once at min(max_rank, its dimensions) for `budget` (see budget.py): factors, gains, the
     exact objective per stored type and rank, and (importance_weights) each tensor's importance weight measured
     with `importance.fisher_kl` on the first importance_samples x importance_seqlen calibration tokens."""
@@ -339,9 +341,10 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
         if not allow_mismatch:
             check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=max_rank, eig_floor=eig_floor,
-                         budget_types=tuple(adapter_types), solver=solver)
+                         budget_types=tuple(adapter_types), solver=solver, device=devices.resolve(device))
         calib_meta, ids, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
-                               propagate="original", batch_size=batch_size, tokenizer=tokenizer)
+                               propagate="original", batch_size=batch_size, tokenizer=tokenizer,
+                               device=devices.resolve(device))
         t_solve = time.perf_counter() - t_start
         sol = solver.solution
         before = {n: t.before for n, t in sol.tensors.items()}

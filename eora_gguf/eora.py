@@ -173,7 +173,7 @@ def _top_eigh(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     sym = 0.5 * (sym + sym.T)
     with _one_thread():
         vals, vecs = torch.linalg.eigh(sym)
-    idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1)
+    idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1, device=sym.device)
     return vals[idx].clamp(min=0.0), vecs[:, idx]
 
 
@@ -211,7 +211,7 @@ def _floor(c: torch.Tensor, eig_floor: float, name: str | None) -> torch.Tensor:
     if lam_max <= 0.0:
         raise EoraError(f"{_who(name)}: the calibration covariance is zero: no activations reached this layer")
     tau = eig_floor * lam_max
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     if int(torch.linalg.cholesky_ex(c - tau * eye)[1]) == 0:
         return c  # every eigenvalue is above the floor: exact EoRA
     # share of the mean eigenvalue the ridge adds: how much it changes this layer's weighting (for the summary)
