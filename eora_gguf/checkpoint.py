@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +132,29 @@ class Checkpoint:
             raise EoraError(f"cannot read {path} ({str(exc).splitlines()[0][:200]}): delete {self.dir} to start "
                             "over") from None
 
+    def record(self, solver: Any, layer: int, hidden: list[torch.Tensor] | None) -> None:
+        """save_layer with decoder layer `layer`'s factors and rows from a compensate._Solver."""
+        prefix = f"blk.{layer}."  # GGUF names of the layer's tensors
+        keys = [n for n in solver.factors if n.startswith(prefix)]
+        self.save_layer(layer, {n: solver.factors[n] for n in keys}, {n: solver.tensors[n] for n in keys}, hidden)
+
     def remove(self) -> None:
         distributed.barrier()
         if distributed.is_main():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def restore(solver: Any, resume: Callable[[dict[str, Any]], Checkpoint] | None,
+            calib: dict[str, Any]) -> Checkpoint | None:
+    """Open the checkpoint (resume(calibration fingerprint); None: no checkpointing) and load the finished
+    layers' factors and report rows into a compensate._Solver."""
+    if resume is None:
+        return None
+    ckpt = resume(calib)
+    factors, rows = ckpt.load_layers()
+    solver.factors.update(factors)
+    solver.tensors.update({n: {**r, "qtype": solver.base.tensor(n).qtype} for n, r in rows.items()})
+    return ckpt
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -474,17 +474,17 @@ def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
             raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
         st = stats if isinstance(stats, calibration.CalibrationStats) else calibration.CalibrationStats.load(stats)
         st.check_model(hf)
-        ckpt = _restore(solver, resume, {"stats": st.meta.get("calibration"), "tokens": st.meta.get("tokens")})
+        ckpt = checkpoint.restore(solver, resume, {"stats": st.meta.get("calibration"), "tokens": st.meta.get("tokens")})
         for bid in range(ckpt.done if ckpt else 0, names.dims.n_layers):
             solver.layer(st, st.modules(bid))
             if ckpt is not None:
-                _record(ckpt, solver, bid, None)
+                ckpt.record(solver, bid, None)
         return {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}, None, None
     if calib is None:
         raise EoraError("give calibration data (--calib) or statistics (--stats)")
     ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
     fingerprint = calib_data.calibration_fingerprint(calib, ids)
-    ckpt = _restore(solver, resume, {"calibration": fingerprint, "batch_size": batch_size})
+    ckpt = checkpoint.restore(solver, resume, {"calibration": fingerprint, "batch_size": batch_size})
 
     def on_layer(i: int, layer_stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
         weights = solver.layer(layer_stats, layer_stats.modules(i))
@@ -492,32 +492,13 @@ def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
 
     def on_layer_done(i: int, hidden: list[torch.Tensor]) -> None:
         if ckpt is not None:
-            _record(ckpt, solver, i, hidden)
+            ckpt.record(solver, i, hidden)
 
     _, hidden = calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
                                    keep=False, calib_fingerprint=fingerprint, return_hidden=return_hidden,
                                    device=device, start_layer=ckpt.done if ckpt else 0,
                                    hidden_in=ckpt.load_hidden() if ckpt else None, on_layer_done=on_layer_done)
     return {"calibration": calib, "calib_tokens": int(ids.numel())}, ids, hidden
-
-
-def _restore(solver: _Solver, resume: Callable[[dict[str, Any]], checkpoint.Checkpoint] | None,
-             calib: dict[str, Any]) -> checkpoint.Checkpoint | None:
-    """Open the checkpoint (if any) and load the finished layers' factors and rows into `solver`."""
-    if resume is None:
-        return None
-    ckpt = resume(calib)
-    factors, rows = ckpt.load_layers()
-    solver.factors.update(factors)
-    solver.tensors.update({n: {**r, "qtype": solver.base.tensor(n).qtype} for n, r in rows.items()})
-    return ckpt
-
-
-def _record(ckpt: checkpoint.Checkpoint, solver: _Solver, layer: int,
-            hidden: list[torch.Tensor] | None) -> None:
-    prefix = f"blk.{layer}."  # GGUF names of decoder layer `layer`'s tensors
-    keys = [n for n in solver.factors if n.startswith(prefix)]
-    ckpt.save_layer(layer, {n: solver.factors[n] for n in keys}, {n: solver.tensors[n] for n in keys}, hidden)
 
 
 def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str],

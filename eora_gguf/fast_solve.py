@@ -23,11 +23,20 @@ and since the objective of U is e(U) = tr(G) - Σ_{i≤r} θ_i while the optimum
 where λ̂_D ≥ λ_max(D) is required. We take λ̂_D = θ_{r+1} + ‖r_{r+1}‖ (the next Ritz value plus its residual,
 which brackets an eigenvalue of G): this is the one estimated quantity — it assumes the random start block did
 not miss an eigenvector of G larger than that (a miss has probability exponentially small in p). For the scale of
-the optimum, interlacing gives e* = Σ_{i>r} λ_i(G) ≥ Σ_{r<j≤m} θ_j, and, when tr(G) is known (the caller often
-has it), e* ≥ tr(G) - Σ_{i≤r} θ_i - β. The iteration stops when β ≤ ε·e_low (e_low the larger of the two),
-which proves e(U) ≤ (1 + ε)·e*  (under the λ̂_D estimate above). If the space reaches `max_columns`
-without the certificate, `fast_eora` falls back to the exact solver and logs it, so a result is never worse
-than (1 + ε) of the optimum for lack of iterations.
+the optimum, interlacing gives e* = Σ_{i>r} λ_i(G) ≥ Σ_{r<j≤m} θ_j; and e* ≥ tr(G) - Σ_{i≤r} θ_i - β, where
+tr(G) = Σ_{j≤m} θ_j + tr(D_Q) (D_Q: G on the complement of the whole Krylov space) is the caller's exact trace
+when given, else Σ θ_j plus a lower bound on tr(D_Q) from 8 Gaussian probes ωᵀ D_Q ω that holds with probability
+≥ 1 - 10⁻⁶ (Laurent–Massart, `_trace_low`; the probes are only drawn when the interlacing bound is not enough,
+which is the flat-spectrum case). The iteration stops when β ≤ ε·e_low (e_low the larger of the two), which
+proves e(U) ≤ (1 + ε)·e* (under the λ̂_D estimate above, and with that probability).
+
+Precision. The Krylov blocks and their products are float32 (half the time of float64 products); the decision to
+stop is taken on their Ritz pairs, and then redone in float64: the top r+1 Ritz vectors are orthonormalised, G is
+applied to them in float64, Rayleigh–Ritz is repeated on their span and β comes from those float64 residuals.
+Sums taken from float32 Ritz values or probes are scaled down by 1e-4 to stay lower bounds. float32 limits how
+far the iteration can converge (≈1e-7·λ_1 per residual), so a float32 run that cannot certify within
+`max_columns` is repeated in float64; if that fails too, `fast_eora` falls back to the exact solver and logs
+it, so a result is never worse than (1 + ε) of the optimum for lack of iterations.
 
 Eigenvalue floor: the fast path always adds the ridge τ I, τ = eig_floor·λ_max(C) (λ_max by power iteration,
 as `eora._floor`), instead of testing for it with a Cholesky factorisation of C, which alone would cost as much as
