@@ -682,8 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import devices, distributed
 
             if args.verb not in ("calibrate", "compensate"):
-                raise EoraError(f"`{args.verb}` runs in one process: only calibrate and compensate run under torchrun")
-
+                raise EoraError(f"`{args.verb}` runs in one process: only calibrate and compensate run under "
+                                "torchrun")
             distributed.init_from_env(devices.resolve(getattr(args, "device", None)))
             if not distributed.is_main():  # one process narrates; the others speak only of problems
                 logging.getLogger().setLevel(logging.WARNING)
