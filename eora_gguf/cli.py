@@ -510,9 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pseudo-count added to every token's calibration count for token_embd (default 0)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
     scale_options(sp)
-    sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep per-layer checkpoints beside the output and resume an interrupted run from them "
-                         "(with --rank; removed when the adapter is written); default on")
+    sp.add_argument("--resume", action="store_true",
+                    help="keep per-layer checkpoints in OUTPUT.eora-resume/ and, when a run with the same inputs "
+                         "was interrupted, continue from them (with --rank; removed when the adapter is written)")
 
     sp = verb("adapt", cmd_adapt, "write the adapter a byte budget buys from a saved solve (compensate --budget "
                                    "--solution), without solving again")

@@ -60,7 +60,7 @@ def test_stale_checkpoint_is_refused(tiny_q4, tmp_path, monkeypatch, capsys):
         _run(tiny_q4, out, rank=4)
     capsys.readouterr()
     rc = main(["compensate", "--hf", str(tiny_q4["hf"]), "--gguf", str(tiny_q4["gguf"]), "--calib",
-               str(tiny_q4["calib"]), "--samples", "5", "--seqlen", "64", "--rank", "8", "-o", str(out)])
+               str(tiny_q4["calib"]), "--samples", "5", "--seqlen", "64", "--rank", "8", "--resume", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("eora-gguf: error: ") and "(calibration differs)" in err[-1]
     assert "delete the folder" in err[-1] and not any("Traceback" in line for line in err)
