@@ -577,7 +577,7 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
     with _progress(len(sm), "calibrate") as bar:
         bar.update(start_layer)
         for i in range(start_layer, len(sm)):
-            layer = sm.load_layer(i, dev)
+            layer = sm.load_layer(i) if dev is None else sm.load_layer(i, dev)
             name = sm.layer_name(i)
             linears = _linears(layer, name)
             acc = _Accumulator(linears, accumulate_dtype)
