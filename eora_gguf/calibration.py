@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import EoraError, atomic_output
 
 log = logging.getLogger(__name__)
@@ -381,12 +382,14 @@ class StreamedModel:
     def layer_name(self, i: int) -> str:
         return f"{self.layers_prefix}.{i}"
 
-    def load_layer(self, i: int) -> nn.Module:
+    def load_layer(self, i: int, device: torch.device | None = None) -> nn.Module:
         layer = self.layers[i]
         prefix = self.layer_name(i) + "."
         values = self._read([prefix + n for n, _ in layer.named_parameters()])
         for name, value in values.items():
-            _set_param(layer, name[len(prefix):], value)
+            _set_param(layer, name[len(prefix):], value if device is None else value.to(device))
+        if device is not None:
+            layer.to(device)  # its buffers
         return layer
 
     def free_layer(self, i: int) -> None:
@@ -505,7 +508,8 @@ def _apply_weights(layer: nn.Module, linears: dict[str, tuple[nn.Linear, str]],
         if tuple(w.shape) != tuple(mod.weight.shape):
             raise EoraError(f"compensate() returned {name} of shape {tuple(w.shape)}, "
                             f"expected {tuple(mod.weight.shape)} (HF layout: out, in)")
-        mod._parameters["weight"] = nn.Parameter(w.detach().to("cpu", torch.float32), requires_grad=False)
+        mod._parameters["weight"] = nn.Parameter(w.detach().to(mod.weight.device, torch.float32),
+                                                 requires_grad=False)
 
 
 def _progress(total: int, desc: str):
@@ -518,8 +522,11 @@ def _progress(total: int, desc: str):
 def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_size: int = 8,
            propagate: str = "original", compensate: Compensate | None = None, keep: bool = True,
            accumulate_dtype: torch.dtype = torch.float32, calib_fingerprint: str | None = None,
-           attn_implementation: str | None = None,
-           return_hidden: bool = True) -> tuple[CalibrationStats, torch.Tensor | None]:
+           attn_implementation: str | None = None, return_hidden: bool = True,
+           device: str | torch.device | None = None, start_layer: int = 0,
+           hidden_in: list[torch.Tensor] | None = None,
+           on_layer_done: Callable[[int, list[torch.Tensor]], None] | None = None
+           ) -> tuple[CalibrationStats, torch.Tensor | None]:
     """Run the model layer by layer over `input_ids` (samples, seqlen); return the statistics and (when
     return_hidden) the last decoder layer's output (samples, seqlen, hidden) before the final norm.
 
@@ -527,6 +534,13 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
     propagate="compensated"; in "original" mode it is optional, called for every layer and its return
     value must be empty (use it to consume statistics as they arrive, with keep=False to not retain them).
     accumulate_dtype: dtype of each batch's XᵀX block before it is added into the float64 sum.
+    device: where each decoder layer, the activations and the covariance sums live (default CPU); the layer
+    statistics handed to `compensate` stay there, the kept ones are copied to the CPU.
+    Under torchrun (`distributed`), each process runs its share of the samples and the sums are all-reduced;
+    the returned hidden states are this process's share.
+    start_layer, hidden_in: resume at decoder layer `start_layer` with `hidden_in`, the per-batch inputs of that
+    layer saved by `on_layer_done(i, hidden)`, which is called after each layer with its outputs (the inputs of
+    layer i + 1, compensated outputs in that mode).
     """
     if propagate not in PROPAGATE_MODES:
         raise EoraError(f"propagate must be one of {', '.join(PROPAGATE_MODES)}, not {propagate!r}")
@@ -542,22 +556,28 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
         raise EoraError(f"calibration token ids fall outside the model vocabulary of {vocab}: "
                         "tokenize with this model's tokenizer")
     samples, seqlen = input_ids.shape
+    dev = torch.device(device) if device is not None else None
     stats = CalibrationStats(meta={
         "model": model_identity(model_dir), "calibration": calib_fingerprint, "samples": int(samples),
         "seqlen": int(seqlen), "tokens": int(samples * seqlen), "propagate": propagate,
     })
-    batches = list(input_ids.long().split(batch_size))
+    batches = list(distributed.shard_samples(input_ids.long()).split(batch_size))
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = []
     for ids in batches:
         h, c = sm.capture(ids)
-        hidden.append(h)
-        calls.append(c)
+        hidden.append(_to(h, dev))
+        calls.append([_to(call, dev) for call in c])
     _check_finite(torch.stack([h.abs().amax() for h in hidden]), "the token embeddings")
+    if hidden_in is not None:
+        if [tuple(h.shape) for h in hidden_in] != [tuple(h.shape) for h in hidden]:
+            raise EoraError("the saved activations do not match this calibration's batches: start again")
+        hidden = [_to(h, dev) for h in hidden_in]
 
     with _progress(len(sm), "calibrate") as bar:
-        for i in range(len(sm)):
-            layer = sm.load_layer(i)
+        bar.update(start_layer)
+        for i in range(start_layer, len(sm)):
+            layer = sm.load_layer(i) if dev is None else sm.load_layer(i, dev)
             name = sm.layer_name(i)
             linears = _linears(layer, name)
             acc = _Accumulator(linears, accumulate_dtype)
@@ -571,6 +591,7 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
                         hidden[b] = out
             finally:
                 acc.remove()
+            distributed.all_reduce_sums(acc.covs, acc.counts)
             for site, cov in acc.covs.items():
                 _check_finite(cov, f"the inputs of {site} (decoder layer {i})")
             layer_stats = CalibrationStats(acc.covs, acc.counts, {m: s for m, (_, s) in linears.items()},
@@ -586,13 +607,29 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
                         hidden[b] = _run_layer(layer, h, calls[b][i])
                         _check_finite(hidden[b], f"the compensated output of decoder layer {i} ({name})")
             if keep:
-                stats.update(layer_stats)
+                stats.update(CalibrationStats({k: v.cpu() for k, v in layer_stats.covariances.items()},
+                                              layer_stats.n_tokens, layer_stats.module_sites))
             else:
                 stats.module_sites.update(layer_stats.module_sites)
             sm.free_layer(i)
+            if on_layer_done is not None:
+                on_layer_done(i, hidden)
             bar.update(1)
     log.info("calibrated %d layers on %d tokens (%s propagation)", len(sm), samples * seqlen, propagate)
-    return stats, (torch.cat(hidden, dim=0) if return_hidden else None)
+    return stats, (torch.cat(hidden, dim=0).cpu() if return_hidden else None)
+
+
+def _to(x: Any, device: torch.device | None) -> Any:
+    """x with every tensor inside (tuples, lists, dicts) moved to `device` (None: unchanged)."""
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
 
 
 def collect_stats(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, **kwargs: Any) -> CalibrationStats:

@@ -207,9 +207,11 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
     if args.imatrix:
         check_output(args.imatrix, inputs=[args.hf, args.output])
     _check_memory(args.hf, args.samples, args.seqlen)
-    stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen)
-    stats.save(args.output, inputs=(args.hf,))
+    stats = compensate.calibrate(args.hf, args.calib, samples=args.samples, seqlen=args.seqlen, device=args.device)
     out = {"output": args.output, "tokens": stats.meta.get("tokens"), "sites": len(stats.covariances)}
+    if not _is_main():  # under torchrun every process holds the summed statistics; rank 0 writes them
+        return out
+    stats.save(args.output, inputs=(args.hf,))
     if args.imatrix:
         out["imatrix"] = _write_imatrix(args.hf, stats, args.imatrix)
     return out
@@ -268,7 +270,8 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
         propagate=args.propagate, adapter_type=adapter_type, peft_dir=args.peft, eig_floor=args.eig_floor,
         budget=args.budget, solution_out=args.solution, importance_weights=not args.no_importance,
         allow_mismatch=args.allow_mismatch, embeddings=args.embeddings,
-        embedding_smoothing=args.embedding_smoothing)
+        embedding_smoothing=args.embedding_smoothing, solver=args.solver, device=args.device,
+        resume=args.resume and not args.budget)
     out = report.as_dict()
     if args.verbose:
         out["per_tensor"] = report.tensors
@@ -454,6 +457,23 @@ def cmd_report(args: argparse.Namespace) -> dict:
 # parser
 
 
+def scale_options(sp: argparse.ArgumentParser, *, solver: bool = True) -> None:
+    """--device (and --solver): where layers run and solves happen, and which solver (see README "Large models")."""
+    sp.add_argument("--device", default="auto", help="auto (default: the first GPU torch sees, else the CPU), cpu, "
+                                                     "cuda or cuda:N; under torchrun, cuda is each process's GPU")
+    if solver:
+        sp.add_argument("--solver", default="auto", choices=("auto", "exact", "fast"),
+                        help="exact (eigendecomposition), fast (certified randomized block Krylov, within 1%% of "
+                             "the optimum) or auto (default: fast for weights wider than 2048 at rank <= 1/8 of "
+                             "that)")
+
+
+def _is_main() -> bool:
+    from . import distributed
+
+    return distributed.is_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging and tool output")
@@ -510,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("calibrate", cmd_calibrate, "collect reusable calibration statistics (input covariances, float64)")
     sp.add_argument("--hf", required=True, metavar="HF_DIR")
     calib_options(sp)
+    scale_options(sp, solver=False)
     sp.add_argument("-o", "--output", required=True, metavar="STATS.safetensors")
     sp.add_argument("--imatrix", metavar="OUT.gguf", help="also write an importance matrix for llama-quantize")
 
@@ -550,6 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embedding-smoothing", type=float, default=0.0, metavar="ALPHA",
                     help="pseudo-count added to every token's calibration count for token_embd (default 0)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
+    scale_options(sp)
+    sp.add_argument("--resume", action="store_true",
+                    help="keep per-layer checkpoints in OUTPUT.eora-resume/ and, when a run with the same inputs "
+                         "was interrupted, continue from them (with --rank; removed when the adapter is written)")
 
     sp = verb("prune", cmd_prune, "prune an HF model (Wanda or SparseGPT, N:M or unstructured) layer by layer on "
                                  "calibration text into an HF folder with zeros; convert/quantize it and compensate "
@@ -641,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("run", cmd_run, "all in one: convert -> quantize -> calibrate -> compensate -> llama-perplexity "
                              "with and without the adapter, with a summary table (no HF_DIR: the SmolLM2 demo)")
     pipeline_options(sp, rank="64", method="eora", tasks=None)
+    scale_options(sp)
 
     sp = verb("eval", cmd_eval, "perplexity and zero-shot task accuracy of a GGUF model (+ adapters) through "
                                "llama.cpp")
@@ -662,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("sweep", cmd_run, "quant types x ranks x methods, reusing one calibration: perplexity and task "
                                "accuracy of each, written to <workdir>/<model>/sweep.json (then `report`)")
     pipeline_options(sp, rank="0,16,64", method="eora,svd", tasks="arc_easy,arc_challenge")
+    scale_options(sp)
 
     sp = verb("make", cmd_make, "HF folder -> OUT_DIR ready to run: a quantized base GGUF (with our imatrix), one "
                                "EoRA adapter per --calib spec, and a README.md model card with measurements and the "
@@ -789,6 +816,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         _check_numbers(args)
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # started by torchrun: join its process group
+            from . import devices, distributed
+
+            if args.verb not in ("calibrate", "compensate"):
+                raise EoraError(f"`{args.verb}` runs in one process: only calibrate and compensate run under "
+                                "torchrun")
+            distributed.init_from_env(devices.resolve(getattr(args, "device", None)))
+            if not distributed.is_main():  # one process narrates; the others speak only of problems
+                logging.getLogger().setLevel(logging.WARNING)
         result = args.fn(args)
     except EoraError as e:
         print(f"eora-gguf: error: {e}", file=sys.stderr)
@@ -815,6 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for h in handlers:
             h.removeFilter(summaries)
+    if not _is_main():  # under torchrun, rank 0 reports
+        return 0
     summaries.flush()  # on success only: after an error its one line is all the user needs
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if args.json:

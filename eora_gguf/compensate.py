@@ -7,9 +7,11 @@ sequential mode (`propagate="compensated"`: each layer feeds Wq + B A outputs fo
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ import torch
 
 from . import adapter as adapter_io
 from . import budget as budget_mod
-from . import calib_data, calibration, embedding, eora, importance, info
+from . import calib_data, calibration, checkpoint, devices, distributed, embedding, eora, fast_solve
+from . import importance, info
 from .errors import EoraError, check_writable, staged_outputs
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .naming import LINEAR_MODULES, NameMap, model_dims
@@ -138,13 +141,15 @@ def calibration_ids(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, 
 
 
 def calibrate(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int, batch_size: int = 8,
-              tokenizer=None, seed: int = 0) -> calibration.CalibrationStats:
+              tokenizer=None, seed: int = 0, device: str | None = None) -> calibration.CalibrationStats:
     """Input covariances of every linear layer with original propagation: reusable across quants and ranks.
-    seed: which windows of the calibration text are drawn (calib_data.build_calibration)."""
+    seed: which windows of the calibration text are drawn (calib_data.build_calibration).
+    device: where the layers run and the sums accumulate (devices.resolve); under torchrun the samples are
+    split across processes and every process gets the summed statistics."""
     ids = calibration_ids(hf_dir, spec, samples=samples, seqlen=seqlen, tokenizer=tokenizer, seed=seed)
     stats, _ = calibration.stream(hf_dir, ids, batch_size=batch_size, propagate="original",
                                   calib_fingerprint=calib_data.calibration_fingerprint(spec, ids),
-                                  return_hidden=False)
+                                  return_hidden=False, device=devices.resolve(device))
     stats.meta["calib_spec"] = spec
     return stats
 
@@ -153,17 +158,20 @@ class _Solver:
     """Solves one decoder layer at a time against the GGUF; collects factors in GGUF names/row order."""
 
     def __init__(self, hf_dir: Path, base: GGUFModel, names: NameMap, *, method: str, rank: int,
-                 eig_floor: float, budget_types: tuple[str, ...] | None = None) -> None:
+                 eig_floor: float, budget_types: tuple[str, ...] | None = None, solver: str = "auto",
+                 device: str | None = None) -> None:
         """budget_types: solve every tensor at min(rank, its dimensions) and keep, per tensor, the gains and the
         exact objective of every rank stored as each of these types (a budget.Solution in `self.solution`)."""
         self.hf_dir, self.base, self.names = hf_dir, base, names
-        self.method, self.rank, self.eig_floor = method, rank, eig_floor
+        self.method, self.rank, self.eig_floor, self.solver = method, rank, eig_floor, solver
         self.budget_types = budget_types
         self.solution = budget_mod.Solution(arch=str(base.meta.arch))
         self.files = calibration.tensor_files(hf_dir)
         self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.tensors: dict[str, dict[str, float]] = {}
         self.solve_seconds = 0.0
+        self.device = torch.device(device or "cpu")
+        self.want_weights = True  # the compensated weights `layer` returns (only the sequential mode uses them)
 
     def _hf_weight(self, module: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -176,33 +184,54 @@ class _Solver:
             return fh.get_tensor(key).to(torch.float64)
 
     def layer(self, stats: calibration.CalibrationStats, modules: list[str]) -> dict[str, torch.Tensor]:
-        """Solve `modules` (HF names) with `stats`; returns the compensated weights Wq + BA in HF layout."""
+        """Solve `modules` (HF names) with `stats`; returns the compensated weights Wq + BA in HF layout (when
+        `want_weights`). Under torchrun each process solves its share of the modules and all get every result."""
         t0 = time.perf_counter()
+        done: dict[str, tuple] = {}
+        for i, module in enumerate(modules):
+            if distributed.mine(i):
+                done[self.names.to_gguf(module)] = self._solve_one(stats, module)
+        done = distributed.gather(done)
         out: dict[str, torch.Tensor] = {}
         for module in modules:
             gname = self.names.to_gguf(module)
-            w = self.names.hf_to_gguf_rows(module, self._hf_weight(module))
-            wq = torch.from_numpy(self.base.dequantize(gname)).to(torch.float64).reshape(w.shape)
-            dw = w - wq
-            if not torch.isfinite(dw).all():
-                raise EoraError(f"{gname}: the HF or GGUF weight holds NaN/Inf: check both model files")
-            cov = stats.covariance(module) if self.method != "svd" else None
-            rank = self.rank if self.budget_types is None else min(self.rank, *dw.shape)
-            b, a = eora.solve(self.method, dw, cov, rank, name=gname, eig_floor=self.eig_floor)
+            b, a, row, tsol = done[gname]
             self.factors[gname] = (b.to(torch.float32).numpy(), a.to(torch.float32).numpy())
-            c = cov if cov is not None else stats.covariance(module)
-            before = float(((dw @ c) * dw).sum())
-            if self.budget_types is not None:
-                self.solution.tensors[gname] = budget_mod.TensorSolution(
-                    *self.factors[gname], eora.component_gains(a, c).numpy(),
-                    budget_mod.objectives(dw.numpy(), c.numpy(), b.numpy(), a.numpy(), self.budget_types))
-            after = eora.weighted_error(dw, c, b, a)
-            ref = float(((w @ c) * w).sum())
-            self.tensors[gname] = {"rel_err_before": before / ref, "rel_err_after": after / ref,
-                                   "qtype": self.base.tensor(gname).qtype}
-            out[module] = self.names.gguf_to_hf_rows(module, wq + b @ a).to(torch.float32)
+            self.tensors[gname] = row
+            if tsol is not None:
+                self.solution.tensors[gname] = tsol
+            if self.want_weights:
+                wq = torch.from_numpy(self.base.dequantize(gname)).to(torch.float64).reshape(b.shape[0], -1)
+                out[module] = self.names.gguf_to_hf_rows(module, wq + b @ a).to(torch.float32)
         self.solve_seconds += time.perf_counter() - t0
         return out
+
+    def _solve_one(self, stats: calibration.CalibrationStats, module: str) -> tuple:
+        """(B, A) on the CPU (float64), the report row, and the budget.TensorSolution (or None) of one module."""
+        gname = self.names.to_gguf(module)
+        w = self.names.hf_to_gguf_rows(module, self._hf_weight(module))
+        wq = torch.from_numpy(self.base.dequantize(gname)).to(torch.float64).reshape(w.shape)
+        dw = (w - wq).to(self.device)
+        if not torch.isfinite(dw).all():
+            raise EoraError(f"{gname}: the HF or GGUF weight holds NaN/Inf: check both model files")
+        cov = stats.covariance(module).to(self.device) if self.method != "svd" else None
+        rank = self.rank if self.budget_types is None else min(self.rank, *dw.shape)
+        b, a = fast_solve.solve(self.method, dw, cov, rank, name=gname, eig_floor=self.eig_floor,
+                                solver=self.solver)
+        c = cov if cov is not None else stats.covariance(module).to(self.device)
+        before = float(((dw @ c) * dw).sum())
+        tsol = None
+        if self.budget_types is not None:
+            b32, a32 = b.to(torch.float32).cpu().numpy(), a.to(torch.float32).cpu().numpy()
+            dw_, c_, b_, a_ = (t.cpu() for t in (dw, c, b, a))
+            tsol = budget_mod.TensorSolution(b32, a32, eora.component_gains(a_, c_).numpy(),
+                                             budget_mod.objectives(dw_.numpy(), c_.numpy(), b_.numpy(), a_.numpy(),
+                                                                   self.budget_types))
+        after = eora.weighted_error(dw, c, b, a)
+        w = w.to(self.device)
+        ref = float(((w @ c) * w).sum())
+        row = {"rel_err_before": before / ref, "rel_err_after": after / ref, "qtype": self.base.tensor(gname).qtype}
+        return b.cpu(), a.cpu(), row, tsol
 
 
 def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -215,7 +244,8 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                solution_out: str | os.PathLike[str] | None = None, importance_weights: bool = True,
                allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
                embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None,
-               name: str | None = None) -> Report:
+               name: str | None = None, solver: str = "auto", device: str | None = None,
+               resume: bool = False) -> Report:
     """Write a GGUF LoRA adapter for `gguf_path` that brings it back toward the HF model in `hf_dir`.
 
     stats: reuse calibration statistics (a CalibrationStats or a file from `calibrate`) instead of `calib`.
@@ -237,7 +267,13 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     statistics, otherwise they come from this run's calibration (not from `stats`). One rank for all (no budget).
     name: the adapter's name, recorded in the file (`eora.name`, llama.cpp's `adapter.lora.task_name`); every
     adapter also records its version, calibration and base identity (`info.provenance`).
+    solver: "exact", "fast" (fast_solve.py: certified block Krylov) or "auto" (fast for large weights only).
+    device: where layers run and solves happen (None: CPU); see `devices.resolve`.
+    resume (one rank for all, not --budget): keep per-layer checkpoints beside `out` (checkpoint.py) and resume an
+    interrupted run from them; removed once the adapter is written.
     """
+    fast_solve.check_solver(solver)
+    device = devices.resolve(device)
     if adapter_type is None:
         adapter_type = "f16" if budget is None and solution_out is None else "auto"
     if budget is None and solution_out is None:
@@ -248,9 +284,11 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
                                 peft_dir=peft_dir, eig_floor=eig_floor, batch_size=batch_size, also=also,
                                 tokenizer=tokenizer, allow_mismatch=allow_mismatch, embeddings=embeddings,
                                 embedding_smoothing=embedding_smoothing, embedding_stats=embedding_stats,
-                                name=name)
+                                name=name, solver=solver, device=device, resume=resume)
     if embeddings:
         raise EoraError("--embeddings goes with --rank (one rank for every tensor), not with --budget")
+    if distributed.active():
+        raise EoraError("--budget runs in one process: run it without torchrun, or give --rank")
     if also:
         raise EoraError("--budget chooses the ranks itself: extra ranks (also) do not apply")
     spec = budget_mod.Budget.parse(budget) if isinstance(budget, str) else budget
@@ -262,7 +300,7 @@ def compensate(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]
     sol = solve(hf_dir, gguf_path, max_rank=rank or budget_mod.MAX_RANK, method=method, calib=calib, stats=stats,
                 allow_mismatch=allow_mismatch,
                 samples=samples, seqlen=seqlen, adapter_types=dtypes, eig_floor=eig_floor, batch_size=batch_size,
-                tokenizer=tokenizer, importance_weights=importance_weights)
+                tokenizer=tokenizer, importance_weights=importance_weights, solver=solver, device=device)
     if solution_out is not None:
         sol.save(solution_out)
     if spec is None:
@@ -287,7 +325,8 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
           stats: calibration.CalibrationStats | str | os.PathLike[str] | None = None, samples: int = 64,
           seqlen: int = 512, adapter_types: tuple[str, ...] = budget_mod.AUTO_TYPES, eig_floor: float = 1e-6,
           batch_size: int = 8, tokenizer=None, importance_weights: bool = True, importance_samples: int = 16,
-          importance_seqlen: int = 128, importance_draws: int = 8, allow_mismatch: bool = False) -> budget_mod.Solution:
+          importance_seqlen: int = 128, importance_draws: int = 8, allow_mismatch: bool = False,
+          solver: str = "auto", device: str | None = None) -> budget_mod.Solution:
     """Solve every tensor once at min(max_rank, its dimensions) for `budget` (see budget.py): factors, gains, the
     exact objective per stored type and rank, and (importance_weights) each tensor's importance weight measured
     with `importance.fisher_kl` on the first importance_samples x importance_seqlen calibration tokens."""
@@ -307,9 +346,10 @@ def solve(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], *, 
         if not allow_mismatch:
             check_same_model(hf, base, names)
         solver = _Solver(hf, base, names, method=method, rank=max_rank, eig_floor=eig_floor,
-                         budget_types=tuple(adapter_types))
+                         budget_types=tuple(adapter_types), solver=solver, device=devices.resolve(device))
         calib_meta, ids, _ = _run(solver, hf, names, calib=calib, stats=stats, samples=samples, seqlen=seqlen,
-                               propagate="original", batch_size=batch_size, tokenizer=tokenizer)
+                               propagate="original", batch_size=batch_size, tokenizer=tokenizer,
+                               device=devices.resolve(device))
         t_solve = time.perf_counter() - t_start
         sol = solver.solution
         before = {n: t.before for n, t in sol.tensors.items()}
@@ -429,29 +469,42 @@ def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str
 
 def _run(solver: _Solver, hf: Path, names: NameMap, *, calib: str | None,
          stats: calibration.CalibrationStats | str | os.PathLike[str] | None, samples: int, seqlen: int,
-         propagate: str, batch_size: int, tokenizer, return_hidden: bool = False
+         propagate: str, batch_size: int, tokenizer, return_hidden: bool = False, device: str | None = None,
+         resume: Callable[[dict[str, Any]], checkpoint.Checkpoint] | None = None
          ) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
     """Stream calibration through the model (or reuse statistics), solving each layer; (calibration info, ids,
-    the last decoder layer's outputs when return_hidden)."""
+    the last decoder layer's outputs when return_hidden). resume(fingerprint of the calibration) opens the run's
+    checkpoint: finished layers are loaded instead of solved, and every solved layer is recorded."""
+    solver.want_weights = propagate == "compensated"
     if stats is not None:
         if propagate == "compensated":
             raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
         st = stats if isinstance(stats, calibration.CalibrationStats) else calibration.CalibrationStats.load(stats)
         st.check_model(hf)
-        for bid in range(names.dims.n_layers):
+        ckpt = checkpoint.restore(solver, resume, {"stats": st.meta.get("calibration"), "tokens": st.meta.get("tokens")})
+        for bid in range(ckpt.done if ckpt else 0, names.dims.n_layers):
             solver.layer(st, st.modules(bid))
+            if ckpt is not None:
+                ckpt.record(solver, bid, None)
         return {"calibration": st.meta.get("calib_spec"), "calib_tokens": st.meta.get("tokens")}, None, None
     if calib is None:
         raise EoraError("give calibration data (--calib) or statistics (--stats)")
     ids = calibration_ids(hf, calib, samples=samples, seqlen=seqlen, tokenizer=tokenizer)
+    fingerprint = calib_data.calibration_fingerprint(calib, ids)
+    ckpt = checkpoint.restore(solver, resume, {"calibration": fingerprint, "batch_size": batch_size})
 
     def on_layer(i: int, layer_stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
         weights = solver.layer(layer_stats, layer_stats.modules(i))
         return weights if propagate == "compensated" else {}
 
+    def on_layer_done(i: int, hidden: list[torch.Tensor]) -> None:
+        if ckpt is not None:
+            ckpt.record(solver, i, hidden)
+
     _, hidden = calibration.stream(hf, ids, batch_size=batch_size, propagate=propagate, compensate=on_layer,
-                                   keep=False, calib_fingerprint=calib_data.calibration_fingerprint(calib, ids),
-                                   return_hidden=return_hidden)
+                                   keep=False, calib_fingerprint=fingerprint, return_hidden=return_hidden,
+                                   device=device, start_layer=ckpt.done if ckpt else 0,
+                                   hidden_in=ckpt.load_hidden() if ckpt else None, on_layer_done=on_layer_done)
     return {"calibration": calib, "calib_tokens": int(ids.numel())}, ids, hidden
 
 
@@ -462,7 +515,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                      batch_size: int, also: dict[int, str | os.PathLike[str]] | None, tokenizer,
                      allow_mismatch: bool = False, embeddings: bool = False, embedding_smoothing: float = 0.0,
                      embedding_stats: embedding.EmbeddingStats | str | os.PathLike[str] | None = None,
-                     name: str | None = None) -> Report:
+                     name: str | None = None, solver: str = "auto", device: str | None = None,
+                     resume: bool = False) -> Report:
     """One rank for every tensor (see `compensate`)."""
     hf = Path(hf_dir)
     if method not in eora.METHODS:
@@ -480,23 +534,42 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
             raise EoraError(f"extra rank {r} must lie in [1, {rank}]")
     if also and propagate == "compensated":
         raise EoraError("--propagate compensated depends on the rank: solve each rank on its own")
+    if embeddings and embedding_stats is None and distributed.active():
+        raise EoraError("--embeddings collects its statistics in one process: run it without torchrun, or give "
+                        "embedding statistics")
     inputs = [hf, gguf_path, stats if isinstance(stats, (str, os.PathLike)) else None]
     t_start = time.perf_counter()
+    main = distributed.is_main()  # under torchrun, rank 0 alone writes
     # Every output is staged (checked, then written to temporaries) before the work and renamed into place only
     # when all of them are complete: an interruption or a full disk leaves none of them, and a re-run works.
-    with staged_outputs() as staging, open_gguf(gguf_path) as base:
-        out_tmp = staging.file(out, suffix=".gguf", inputs=inputs)
-        also_tmp = {r: staging.file(p, suffix=".gguf", inputs=[*inputs, out]) for r, p in also.items()}
-        peft_tmp = (staging.folder(peft_dir, may_hold=adapter_io.PEFT_FILES, inputs=[*inputs, out])
-                    if peft_dir is not None else None)
+    with (staged_outputs() if main else contextlib.nullcontext()) as staging, open_gguf(gguf_path) as base:
+        if staging is not None:
+            out_tmp = staging.file(out, suffix=".gguf", inputs=inputs)
+            also_tmp = {r: staging.file(p, suffix=".gguf", inputs=[*inputs, out]) for r, p in also.items()}
+            peft_tmp = (staging.folder(peft_dir, may_hold=adapter_io.PEFT_FILES, inputs=[*inputs, out])
+                        if peft_dir is not None else None)
         check_matches(config, base)
         if not allow_mismatch:
             check_same_model(hf, base, names)
-        solver = _Solver(hf, base, names, method=method, rank=rank, eig_floor=eig_floor)
+        solver = _Solver(hf, base, names, method=method, rank=rank, eig_floor=eig_floor, solver=solver,
+                         device=device)
+        ckpt = None
+        if resume:
+            fingerprint = {"model": calibration.model_identity(hf), "gguf": checkpoint.file_identity(gguf_path),
+                           "method": method, "rank": rank, "solver": solver.solver, "propagate": propagate,
+                           "eig_floor": eig_floor, "samples": samples, "seqlen": seqlen,
+                           "processes": distributed.world()}
+
+            def ckpt(calib_fp: dict[str, Any]) -> checkpoint.Checkpoint:
+                nonlocal opened
+                opened = checkpoint.Checkpoint(out, {**fingerprint, **calib_fp})
+                return opened
+        opened: checkpoint.Checkpoint | None = None
         t0 = time.perf_counter()
         calib_meta, ids, hidden = _run(solver, hf, names, calib=calib, stats=stats, samples=samples,
                                        seqlen=seqlen, propagate=propagate, batch_size=batch_size, tokenizer=tokenizer,
-                                       return_hidden=embeddings and embedding_stats is None and stats is None)
+                                       return_hidden=embeddings and embedding_stats is None and stats is None,
+                                       device=device, resume=ckpt)
         est = _embedding_stats(embeddings, embedding_stats, ids, hidden, hf)
         del hidden
         if est is not None:
@@ -512,14 +585,19 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
         metadata = {"eora.method": method, "eora.rank": rank, "eora.propagate": propagate,
                     "eora.base_model": Path(gguf_path).name, "eora.calibration": str(calib_meta["calibration"]),
                     **info.provenance(gguf_path, calib_tokens=calib_meta.get("calib_tokens"), name=name)}
-        adapter_io.write_gguf_lora(out_tmp, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
-        adapter_io.check_gguf_lora(out_tmp, base)
-        for r, p in sorted(also_tmp.items()):
-            low = {n: (b[:, :r], a[:r]) for n, (b, a) in solver.factors.items()}
-            adapter_io.write_gguf_lora(p, low, arch=arch, dtype=adapter_type, metadata={**metadata, "eora.rank": r})
-            adapter_io.check_gguf_lora(p, base)
-        if peft_tmp is not None:
-            adapter_io.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
+        if staging is not None:
+            adapter_io.write_gguf_lora(out_tmp, solver.factors, arch=arch, dtype=adapter_type, metadata=metadata)
+            adapter_io.check_gguf_lora(out_tmp, base)
+            for r, p in sorted(also_tmp.items()):
+                low = {n: (b[:, :r], a[:r]) for n, (b, a) in solver.factors.items()}
+                adapter_io.write_gguf_lora(p, low, arch=arch, dtype=adapter_type,
+                                           metadata={**metadata, "eora.rank": r})
+                adapter_io.check_gguf_lora(p, base)
+            if peft_tmp is not None:
+                adapter_io.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
+    distributed.barrier()  # rank 0 has renamed its outputs into place
+    if opened is not None:
+        opened.remove()
     path = Path(out)
     log.info("wrote %s (%d LoRA pairs, rank %d, %s)%s", path, len(solver.factors), rank, adapter_type,
              f" and the PEFT folder {peft_dir}" if peft_dir is not None else "")
@@ -527,7 +605,7 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
     report = Report(adapter=str(path), method=method, rank=rank, tensors=solver.tensors,
                     seconds={"calibrate_and_solve": round(t_cal, 2), "solve": round(solver.solve_seconds, 2),
                              "total": round(total, 2)},
-                    meta={"propagate": propagate, "adapter_bytes": Path(path).stat().st_size,
+                    meta={"propagate": propagate, "adapter_bytes": Path(path).stat().st_size if main else None,
                           "adapter_type": adapter_type, **calib_meta})
     return report
 

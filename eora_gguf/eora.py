@@ -177,7 +177,7 @@ def _top_eigh(sym: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
             vals, vecs = torch.linalg.eigh(sym)
         except torch.linalg.LinAlgError:
             vals, vecs = _eigh_fallback(sym)
-    idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1)
+    idx = torch.arange(sym.shape[0] - 1, sym.shape[0] - 1 - rank, -1, device=sym.device)
     return vals[idx].clamp(min=0.0), vecs[:, idx]
 
 
@@ -191,7 +191,8 @@ def _eigh_fallback(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise EoraError("the solver's Gram matrix holds NaN or Inf: the weights or the calibration statistics are "
                         "corrupt; recompute them")
     if scale == 0.0:
-        return torch.zeros(sym.shape[0], dtype=sym.dtype), torch.eye(sym.shape[0], dtype=sym.dtype)
+        return (torch.zeros(sym.shape[0], dtype=sym.dtype, device=sym.device),
+                torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device))
     try:
         vals, vecs = torch.linalg.eigh(sym / scale)
         log.debug("eigh converged only on the scaled matrix (n=%d)", sym.shape[0])
@@ -236,7 +237,7 @@ def _floor(c: torch.Tensor, eig_floor: float, name: str | None) -> torch.Tensor:
     if lam_max <= 0.0:
         raise EoraError(f"{_who(name)}: the calibration covariance is zero: no activations reached this layer")
     tau = eig_floor * lam_max
-    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     if int(torch.linalg.cholesky_ex(c - tau * eye)[1]) == 0:
         return c  # every eigenvalue is above the floor: exact EoRA
     # share of the mean eigenvalue the ridge adds: how much it changes this layer's weighting (for the summary)

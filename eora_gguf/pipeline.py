@@ -75,7 +75,8 @@ def run_all(args: argparse.Namespace) -> dict:
         stats_file = work / f"calib-{key}.safetensors"
         if fresh(stats_file):
             log.info("calibrating on %s (%d x %d tokens)", args.calib, args.samples, args.seqlen)
-            compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen).save(stats_file)
+            compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen,
+                                 device=getattr(args, "device", None)).save(stats_file)
     if use_imatrix:
         # the importance matrix follows from the same statistics: diag(Σ x xᵀ) per input, as llama-imatrix sums it
         from . import imatrix
@@ -112,7 +113,8 @@ def run_all(args: argparse.Namespace) -> dict:
                 log.info("compensating %s: %s rank %s", q, method, ",".join(map(str, adapters)))
                 compensate.compensate(hf_dir, quant_files[q], adapters[top], rank=top, method=method,
                                       stats=stats_file, adapter_type=args.adapter_type,
-                                      also={r: p for r, p in adapters.items() if r != top})
+                                      also={r: p for r, p in adapters.items() if r != top},
+                                      solver=getattr(args, "solver", "auto"), device=getattr(args, "device", None))
             for rank, adapter in adapters.items():
                 res = measure(quant_files[q], [adapter])
                 rows.append(_row(f"{q}{label}", method, rank, res, quant_files[q], adapter, n_weights, f16, plain))

@@ -68,3 +68,30 @@ def smol_made(llama, tmp_path_factory):
             "256", "--text", "eval", "--chunks", "4", "--threads", "2", "--port", str(serve.free_port())]
     assert main(argv) == 0
     return out, json.loads((out / "make.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_q4(tiny_hf, tmp_path_factory):
+    """The tiny llama, its linears quantized to Q4_0 with gguf-py (no llama.cpp needed) and a calibration text:
+    {"hf", "gguf", "calib"} — the inputs of a quick compensation run."""
+    import json
+    import random
+
+    import gguf
+    from tiny_models import _WORDS, write_synthetic_gguf
+
+    d = tmp_path_factory.mktemp("tiny-q4")
+    hf = tiny_hf("llama")
+    write_synthetic_gguf(d / "q4.gguf", json.loads((hf / "config.json").read_text()), hf_dir=hf,
+                         qtype=gguf.GGMLQuantizationType.Q4_0)
+    rng = random.Random(7)
+    (d / "calib.txt").write_text(" ".join(rng.choice(_WORDS) for _ in range(3000)))
+    return {"hf": hf, "gguf": d / "q4.gguf", "calib": d / "calib.txt"}
+
+
+def adapter_products(path) -> dict:
+    """{tensor: B A (float64)} of a GGUF LoRA adapter: what it adds to each weight (factors' split is free)."""
+    from eora_gguf.adapter import read_gguf_lora
+
+    _, pairs = read_gguf_lora(path)
+    return {n: b.astype("float64") @ a.astype("float64") for n, (b, a) in pairs.items()}
