@@ -232,7 +232,13 @@ def test_odd_rank_and_f32_adapters(tiny, llama, patched):
     adapters: the stock bits through the patched ops."""
     for lora in (tiny["lora_r6"], tiny["lora_f32"]):
         batch, dec, gen = assert_stock_bits(tiny, llama, patched, "Q5_0", [lora], n=32)
-        assert batch["stock"] == 0 and gen["stock"] == 0 and gen["fused"] > 0, (lora.name, batch, gen)
+        assert batch["stock"] == 0, (lora.name, batch)
+        if lora == tiny["lora_f32"] and gen["stock_numerics"]:
+            # the patch's first-use probe found that ggml's F32 dot on this CPU sums in an order it does not
+            # reproduce (seen on AMD EPYC with AVX-512): every F32 adapter keeps the stock ops, with the stock bits
+            assert gen["stock"] == gen["stock_numerics"] and gen["fused"] == 0, (lora.name, gen)
+        else:
+            assert gen["stock"] == 0 and gen["fused"] > 0, (lora.name, batch, gen)
 
 
 @pytest.mark.llama_cpp
