@@ -200,7 +200,7 @@ def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str
     if c.shape != (d_in, d_in):
         exact._as_cov(c, d_in, name)  # its one-line error
     c32 = c.to(torch.float32)
-    lam_max = _lambda_max(c32)
+    lam_max = exact._lambda_max(c32, iters=12)  # only sets the ridge's size: a few percent is enough
     if lam_max <= 0.0:
         raise exact.EoraError(f"{exact._who(name)}: the calibration covariance is zero: no activations reached "
                               "this layer")
@@ -217,20 +217,6 @@ def _matrix(x: torch.Tensor, what: str, name: str | None) -> torch.Tensor:
         raise exact.EoraError(f"{exact._who(name)}: {what} has NaN or Inf entries: check the original and quantized "
                               "weights")
     return t
-
-
-def _lambda_max(c: torch.Tensor, iters: int = 12) -> float:
-    """λ_max(C) within a few percent (power iteration; at least max C_ii): it only sets the ridge's size."""
-    x = torch.diagonal(c).clamp(min=0.0).sqrt() + 1.0 / c.shape[0] ** 0.5
-    est = 0.0
-    for _ in range(iters):
-        y = c @ x
-        n = float(torch.linalg.vector_norm(y))
-        if n == 0.0:
-            break
-        est = float(x @ y) / float(x @ x)
-        x = y / n
-    return max(est, float(torch.diagonal(c).max()))
 
 
 def _orth_against(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor | None:

@@ -21,7 +21,6 @@ the adapter loads but was solved against another quantization of the model.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -30,6 +29,7 @@ from typing import Any
 
 from . import __version__
 from . import adapter as adapter_io
+from .cache import sha256_of
 from .errors import EoraError
 from .gguf_io import GGUFModel, open_gguf
 
@@ -42,21 +42,12 @@ KEY_NAME = "eora.name"
 TASK_NAME = "adapter.lora.task_name"  # llama.cpp's own key: llama-server shows it in /lora-adapters
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, hex (what `sha256sum` prints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def provenance(base_path: str | os.PathLike[str], *, calib_tokens: int | None, name: str | None = None
                ) -> dict[str, str | int]:
     """The `eora.*` keys every adapter records beside method, rank and calibration spec: version, calibration
     token count, base file name and sha256 and, when given, the adapter's name."""
     meta: dict[str, str | int] = {KEY_VERSION: __version__, "eora.base_model": Path(base_path).name,
-                                  KEY_BASE_SHA256: file_sha256(base_path)}
+                                  KEY_BASE_SHA256: sha256_of(base_path)}
     if calib_tokens is not None:
         meta[KEY_CALIB_TOKENS] = int(calib_tokens)
     if name:
@@ -110,7 +101,7 @@ def check_fit(adapter: str | os.PathLike[str], base: str | os.PathLike[str]) -> 
         made_for = recorded.field("eora.base_model")
     finally:
         recorded.close()
-    same = None if sha is None else sha == file_sha256(b)
+    same = None if sha is None else sha == sha256_of(b)
     what = f"{len(info.ranks)} LoRA pairs, architecture {info.arch}"
     if same is None:
         verdict = f"fits: {a.name} loads on {b.name} ({what}); it records no base identity"
@@ -145,4 +136,4 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in counts.items())
 
 
-__all__ = ["check_fit", "describe", "file_sha256", "format_info", "provenance"]
+__all__ = ["check_fit", "describe", "format_info", "provenance"]
