@@ -133,7 +133,7 @@ class Checkpoint:
                             "over") from None
 
     def record(self, solver: Any, layer: int, hidden: list[torch.Tensor] | None) -> None:
-        """save_layer with decoder layer `layer`'s factors and rows from a compensate._Solver."""
+        """save_layer with decoder layer `layer`'s factors and rows from a solver.LayerSolver."""
         prefix = f"blk.{layer}."  # GGUF names of the layer's tensors
         keys = [n for n in solver.factors if n.startswith(prefix)]
         self.save_layer(layer, {n: solver.factors[n] for n in keys}, {n: solver.tensors[n] for n in keys}, hidden)
@@ -147,7 +147,7 @@ class Checkpoint:
 def restore(solver: Any, resume: Callable[[dict[str, Any]], Checkpoint] | None,
             calib: dict[str, Any]) -> Checkpoint | None:
     """Open the checkpoint (resume(calibration fingerprint); None: no checkpointing) and load the finished
-    layers' factors and report rows into a compensate._Solver."""
+    layers' factors and report rows into a solver.LayerSolver."""
     if resume is None:
         return None
     ckpt = resume(calib)

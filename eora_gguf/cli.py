@@ -67,11 +67,11 @@ def _check_text(spec: str | None, what: str) -> None:
 
 def _check_memory(hf: str | os.PathLike[str] | None, samples: int, seqlen: int) -> None:
     """Refuse a calibration whose activations cannot fit in memory (instead of failing after the model load)."""
-    from .calibration import _read_config_json
+    from .hf_model import read_config_json
 
     if hf is None or not Path(hf).is_dir():
         return
-    cfg = _read_config_json(Path(hf))
+    cfg = read_config_json(Path(hf))
     hidden = cfg.get("text_config", cfg).get("hidden_size") if isinstance(cfg.get("text_config", cfg), dict) else None
     if not isinstance(hidden, int) or hidden <= 0:
         return
@@ -95,8 +95,8 @@ def _available_memory() -> int | None:
 
 def _check_hf(hf: str, *, tokenizer: bool = True) -> None:
     """The HF folder's files, then that we support its architecture, then its tokenizer: one line each."""
-    from .calibration import check_model_folder, check_tokenizer_files
-    from .compensate import load_config
+    from .hf_model import check_model_folder, check_tokenizer_files
+    from .hf_model import load_config
     from .naming import NameMap
 
     check_model_folder(hf, tokenizer=False)
@@ -107,7 +107,7 @@ def _check_hf(hf: str, *, tokenizer: bool = True) -> None:
 
 def _output_sizes(hf: str, rank: int = 0) -> tuple[int, int, int]:
     """Expected bytes of (calibration statistics, GGUF adapter at F16 / F32, PEFT folder) for this model."""
-    from .compensate import load_config
+    from .hf_model import load_config
     from .naming import LINEAR_MODULES, NameMap
 
     dims = NameMap.from_config(load_config(hf)).dims
@@ -161,7 +161,7 @@ def cmd_fetch_demo(args: argparse.Namespace) -> dict:
 def cmd_convert(args: argparse.Namespace) -> dict:
     from . import llamacpp
 
-    from .calibration import check_model_folder
+    from .hf_model import check_model_folder
     from .errors import check_output
 
     check_output(args.output, inputs=[args.hf_dir])
@@ -218,17 +218,18 @@ def cmd_calibrate(args: argparse.Namespace) -> dict:
 
 
 def _write_imatrix(hf: str, stats, path: str) -> dict:
-    from . import compensate, imatrix
+    from . import imatrix
+    from .hf_model import load_config
     from .naming import NameMap
 
-    im = imatrix.from_stats(stats, NameMap.from_config(compensate.load_config(hf)))
+    im = imatrix.from_stats(stats, NameMap.from_config(load_config(hf)))
     im.save(path)
     return {"output": path, "weights": len(im.sums), "tokens": int(max(c.max() for c in im.counts.values()))}
 
 
 def cmd_imatrix(args: argparse.Namespace) -> dict:
     from . import compensate
-    from .calibration import CalibrationStats
+    from .stats import CalibrationStats
     from .errors import check_output
 
     check_output(args.output, inputs=[args.hf, args.stats])
@@ -335,7 +336,7 @@ def cmd_validate(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    from .pipeline import run_all
+    from .pipeline import RunOptions, run_all
 
     _check_text(args.text, "--text")
     if args.hf_dir:
@@ -350,7 +351,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
     if work.exists() and not work.is_dir():
         raise EoraError(f"--workdir {work} is a file: give a folder")
-    return run_all(args)
+    return run_all(RunOptions(
+        hf_dir=args.hf_dir, quant=args.quant, rank=args.rank, method=args.method, adapter_type=args.adapter_type,
+        calib=args.calib, samples=args.samples, seqlen=args.seqlen, prune=args.prune, prune_method=args.prune_method,
+        no_imatrix=args.no_imatrix, workdir=args.workdir, text=args.text, ctx=args.ctx, chunks=args.chunks,
+        tasks=args.tasks, limit=args.limit, threads=args.threads, force=args.force, solver=args.solver,
+        device=args.device, verbose=args.verbose, progress=not args.json))
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:

@@ -1,7 +1,7 @@
 """`--device auto|cpu|cuda|cuda:N`: where decoder layers run, covariances accumulate and solves happen.
 
 The code paths are device-agnostic torch (calibration.stream moves each layer and the activations to the device,
-compensate._Solver moves ΔW and C there); this module only turns the user's word into a torch device string and
+solver.LayerSolver moves ΔW and C there); this module only turns the user's word into a torch device string and
 refuses one that this machine does not have, in one line. Under torchrun, plain `cuda` is each process's own GPU
 (distributed.local_device).
 """

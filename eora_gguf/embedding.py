@@ -152,7 +152,7 @@ def collect(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, hidden: 
             ) -> EmbeddingStats:
     """EmbeddingStats from calibration ids (samples, seqlen) and `calibration.stream`'s last hidden states
     (samples, seqlen, d), which are taken before the final norm: the model's own norm is applied here."""
-    from .calibration import StreamedModel
+    from .walker import StreamedModel
 
     sm = StreamedModel(model_dir)
     n_vocab = sm.config.get_text_config().vocab_size
@@ -262,7 +262,7 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
     A vocabulary the converter trimmed is solved on the GGUF's rows (the first V of the HF matrix). A tensor the
     GGUF stores without error is skipped (the demo SmolLM2's original embedding was Q8_0 already).
     """
-    from .calibration import tensor_files
+    from .hf_model import tensor_files
 
     files = tensor_files(hf_dir)
     solutions: dict[str, Solution] = {}

@@ -169,7 +169,7 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
     """
     from peft import LoraConfig, get_peft_model
 
-    from .compensate import load_config, load_tokenizer
+    from .hf_model import load_config, load_tokenizer
     from .reconstruct import build_model
 
     hf, base_path = Path(hf_dir), Path(gguf_path)

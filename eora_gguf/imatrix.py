@@ -26,7 +26,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .calibration import CalibrationStats
+from .stats import CalibrationStats
 from .errors import EoraError, atomic_output
 from .naming import NameMap
 

@@ -22,8 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import llama_eval, llamacpp, refine
+from . import budgeted, calib_data, compensate, imatrix, llama_eval, llamacpp, refine
+from .budget import Budget
 from .errors import EoraError, atomic_output
+from .hf_model import load_config
+from .naming import NameMap
+from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +206,6 @@ def budget_pair_maker(hf_dir: Path, stats_file: Path, *, adapter_type: str = "au
     """Pairs whose adapter is allocated under the byte budget (budget.py): each base is solved once (its solution
     file is kept beside it and reused for every budget), then ranks and storage types are chosen per tensor to
     buy the most importance-weighted objective per byte."""
-    from . import compensate
-    from .budget import Budget
 
     def make(base: Path, budget: int, stem: Path) -> tuple[list[Path], dict] | None:
         out = stem.with_name(f"{stem.name}-{method}-budget.gguf")
@@ -215,10 +217,10 @@ def budget_pair_maker(hf_dir: Path, stats_file: Path, *, adapter_type: str = "au
             base.with_name(f"{base.stem}.{method}-{adapter_type}-solution.safetensors")
         if not sol.is_file():
             log.info("solving %s against %s (once for every budget)", method, base.name)
-            compensate.solve(hf_dir, base, method=method, stats=stats_file,
-                             adapter_types=compensate._budget_types(adapter_type)).save(sol)
+            budgeted.solve(hf_dir, base, method=method, stats=stats_file,
+                             adapter_types=budgeted.budget_types(adapter_type)).save(sol)
         try:
-            rep = compensate.adapt(sol, base, out, Budget("adapter", budget), adapter_type=adapter_type)
+            rep = budgeted.adapt(sol, base, out, Budget("adapter", budget), adapter_type=adapter_type)
         except EoraError as e:
             log.info("no adapter of %s fits %d bytes: %s", base.name, budget, e)
             return None
@@ -235,7 +237,6 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
                        adapter_types: Sequence[str] = ("q8_0",), method: str = "eora") -> PairMaker:
     """Pairs with one rank for every tensor: solve once per (base, adapter type) at the largest rank, write every
     candidate rank (exact truncations), keep the largest whose adapter fits the budget."""
-    from . import compensate
 
     def make(base: Path, budget: int, stem: Path) -> tuple[list[Path], dict] | None:
         chosen = stem.with_name(stem.name + ".json")  # the decision of an earlier run, reused with its file
@@ -283,8 +284,6 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     refine_iterations: then alternate quantize ↔ solve (refine.py) that many times on each rung's best pair; every
     iterate is measured and becomes a row; per-iteration KLD and seconds go to result["refinement"].
     """
-    from . import calib_data, compensate, imatrix
-    from .naming import NameMap
 
     types = [t.upper() for t in types]
     for t in types:
@@ -326,9 +325,8 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
         if imatrix_file is None:
             imatrix_file = out_dir / "imatrix.gguf"
             if not imatrix_file.is_file():
-                from .calibration import CalibrationStats
 
-                names = NameMap.from_config(compensate.load_config(hf_dir))
+                names = NameMap.from_config(load_config(hf_dir))
                 imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, datasets=[calib])
     with step("reference"):
         meter = Meter(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads, folder=out_dir, verbose=verbose)
@@ -361,7 +359,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                             m["top1"], {"type": t, "rung": not emb, "token_embd": emb or None,
                                         "kld_stderr": m["kld_stderr"], "ppl_stderr": m["ppl_stderr"],
                                         "eval_seconds": m["seconds"]}))
-    stats_meta = compensate.calibration.CalibrationStats.load(stats_file).meta
+    stats_meta = CalibrationStats.load(stats_file).meta
     refinement: list[dict] = []
 
     def publish(*, complete: bool) -> dict:

@@ -448,7 +448,7 @@ def _last_error_line(text: str) -> str:
 def convert(llama: LlamaCpp, hf_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             outtype: str = "f16", verbose: bool = False) -> Path:
     """HF folder -> GGUF with llama.cpp's own convert_hf_to_gguf.py (and its own gguf-py)."""
-    from .calibration import check_model_folder
+    from .hf_model import check_model_folder
 
     hf = Path(hf_dir)
     if outtype not in CONVERT_OUTTYPES:

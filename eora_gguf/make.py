@@ -106,8 +106,10 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
     """Run every step (see the module docstring); returns the content of make.json plus `seconds` and `output`."""
     from . import compensate, imatrix, serve
     from .budget import Budget
-    from .calibration import CalibrationStats, model_identity
+    from .hf_model import load_config, model_identity
     from .naming import NameMap
+    from .solver import check_rank
+    from .stats import CalibrationStats
 
     t0 = time.perf_counter()
     if not calibs:
@@ -117,9 +119,9 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
         raise EoraError(f"unknown --quant {quant!r}: choose one of {', '.join(llamacpp.QUANT_TYPES)}")
     if (rank is None) == (budget is None):
         raise EoraError("give --rank R (every tensor) or --budget SPEC (ranks chosen per tensor), not both")
-    names = NameMap.from_config(compensate.load_config(hf_dir))
+    names = NameMap.from_config(load_config(hf_dir))
     if rank is not None:
-        compensate.check_rank(names, rank)
+        check_rank(names, rank)
     else:
         Budget.parse(budget)
     if not 1 <= port <= 65535:

@@ -9,14 +9,24 @@ Outputs go to `<workdir>/<model name>/`; a step whose output exists is reused un
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets, llamacpp
+from . import assets, compensate, imatrix, llamacpp
+from .budgeted import n_params
+from .eora import METHODS
 from .errors import EoraError, atomic_output
+from .evaluate import evaluate
+from .hf_model import load_config
+from .naming import NameMap
+from .prune import Sparsity, prune_model
+from .report import format_table
+from .solver import check_rank
+from .stats import CalibrationStats
+from .tasks import parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +38,36 @@ def _csv(text: str, what: str) -> list[str]:
     return items
 
 
-def run_all(args: argparse.Namespace) -> dict:
-    from . import compensate
-    from .eora import METHODS
+@dataclass
+class RunOptions:
+    """What `run` / `sweep` do (the CLI's options): comma-separated quant types, ranks and methods, ..."""
 
+    hf_dir: str | None = None  # None: the SmolLM2 demo
+    quant: str = "Q4_K_M,Q3_K_M,Q2_K"
+    rank: str = "64"
+    method: str = "eora"
+    adapter_type: str = "f16"
+    calib: str = "demo,stories"
+    samples: int = 64
+    seqlen: int = 512
+    prune: str | None = None
+    prune_method: str = "wanda"
+    no_imatrix: bool = False
+    workdir: str = "eora-out"
+    text: str = "eval"
+    ctx: int = 512
+    chunks: int = 32
+    tasks: str | None = None
+    limit: int | None = None
+    threads: int | None = None
+    force: bool = False
+    solver: str = "auto"
+    device: str | None = None
+    verbose: bool = False
+    progress: bool = True
+
+
+def run_all(args: RunOptions) -> dict:
     hf_dir = Path(args.hf_dir) if args.hf_dir else assets.demo_model_dir()
     if not hf_dir.is_dir():
         raise EoraError(f"HF model directory {hf_dir} does not exist")
@@ -48,13 +84,13 @@ def run_all(args: argparse.Namespace) -> dict:
     for m in methods:
         if m not in METHODS:
             raise EoraError(f"unknown method {m!r} in --method: choose from {', '.join(METHODS)}")
-    names = compensate.NameMap.from_config(compensate.load_config(hf_dir))
+    names = NameMap.from_config(load_config(hf_dir))
     for r in ranks:
         if r:
-            compensate.check_rank(names, r)
+            check_rank(names, r)
 
     task_names, limit = _task_options(args)
-    llama = llamacpp.locate(progress=not args.json)
+    llama = llamacpp.locate(progress=args.progress)
     work = Path(args.workdir) / hf_dir.name
     work.mkdir(parents=True, exist_ok=True)
 
@@ -65,10 +101,10 @@ def run_all(args: argparse.Namespace) -> dict:
     if fresh(base):
         log.info("converting %s -> %s", hf_dir, base)
         llamacpp.convert(llama, hf_dir, base, outtype="f16", verbose=args.verbose)
-    n_weights = compensate.n_params(base)
+    n_weights = n_params(base)
     pruned_base, tag = _pruned_base(args, llama, hf_dir, work, fresh)
 
-    use_imatrix = not getattr(args, "no_imatrix", False)
+    use_imatrix = not args.no_imatrix
     stats_file = imatrix_file = None
     if any(ranks) or use_imatrix:
         key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
@@ -76,12 +112,9 @@ def run_all(args: argparse.Namespace) -> dict:
         if fresh(stats_file):
             log.info("calibrating on %s (%d x %d tokens)", args.calib, args.samples, args.seqlen)
             compensate.calibrate(hf_dir, args.calib, samples=args.samples, seqlen=args.seqlen,
-                                 device=getattr(args, "device", None)).save(stats_file)
+                                 device=args.device).save(stats_file)
     if use_imatrix:
         # the importance matrix follows from the same statistics: diag(Σ x xᵀ) per input, as llama-imatrix sums it
-        from . import imatrix
-        from .calibration import CalibrationStats
-
         imatrix_file = work / f"imatrix-{key}.gguf"
         if fresh(imatrix_file):
             imatrix.write_imatrix(CalibrationStats.load(stats_file), names, imatrix_file, datasets=[args.calib])
@@ -114,7 +147,7 @@ def run_all(args: argparse.Namespace) -> dict:
                 compensate.compensate(hf_dir, quant_files[q], adapters[top], rank=top, method=method,
                                       stats=stats_file, adapter_type=args.adapter_type,
                                       also={r: p for r, p in adapters.items() if r != top},
-                                      solver=getattr(args, "solver", "auto"), device=getattr(args, "device", None))
+                                      solver=args.solver, device=args.device)
             for rank, adapter in adapters.items():
                 res = measure(quant_files[q], [adapter])
                 rows.append(_row(f"{q}{label}", method, rank, res, quant_files[q], adapter, n_weights, f16, plain))
@@ -132,15 +165,13 @@ def run_all(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _pruned_base(args: argparse.Namespace, llama: llamacpp.LlamaCpp, hf_dir: Path, work: Path,
+def _pruned_base(args: RunOptions, llama: llamacpp.LlamaCpp, hf_dir: Path, work: Path,
                  fresh) -> tuple[Path | None, str]:
     """With --prune: the pruned HF folder (on the calibration text) and its F16 GGUF, which the quantizations are
     made from; adapters are still solved against the dense `hf_dir`, so they correct pruning and quantization
     together. Returns (that GGUF or None, the file-name tag)."""
-    if not getattr(args, "prune", None):
+    if not args.prune:
         return None, ""
-    from .prune import Sparsity, prune_model
-
     sparsity = Sparsity.parse(args.prune)
     key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
     tag = f"-pruned-{args.prune_method}-{str(sparsity).replace(':', 'of')}"
@@ -155,11 +186,9 @@ def _pruned_base(args: argparse.Namespace, llama: llamacpp.LlamaCpp, hf_dir: Pat
     return gguf_path, tag
 
 
-def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args: argparse.Namespace,
+def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args: RunOptions,
                      llama: llamacpp.LlamaCpp, reference: Path | None = None) -> dict:
     """`evaluate.evaluate` of one configuration, reused from `<work>/eval/` while its inputs are unchanged."""
-    from .evaluate import evaluate
-
     task_names, limit = _task_options(args)
     files = [model, *lora, text] + ([reference] if reference else [])
     key_src = json.dumps({"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
@@ -178,11 +207,8 @@ def _evaluate_cached(work: Path, model: Path, lora: list[Path], text: Path, args
     return res
 
 
-def _task_options(args: argparse.Namespace) -> tuple[list[str], int | None]:
-    from .tasks import parse_tasks
-
-    spec = getattr(args, "tasks", None)
-    return (parse_tasks(spec) if spec else []), getattr(args, "limit", None)
+def _task_options(args: RunOptions) -> tuple[list[str], int | None]:
+    return (parse_tasks(args.tasks) if args.tasks else []), args.limit
 
 
 def _row(quant: str, method: str, rank: int, res: dict, model: Path, adapter: Path | None, n_weights: int,
@@ -215,21 +241,3 @@ def _gap(reference: float, quantized: float, compensated: float) -> float | None
     if abs(quantized - reference) < 1e-12:
         return None
     return 100.0 * (quantized - compensated) / (quantized - reference)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of the rows: perplexity, each task's accuracy, sizes and the gap recovered."""
-    task_cols = [(name, "acc_norm" if "acc_norm" in m else "exact_match")
-                 for name, m in (rows[0].get("tasks") or {}).items()] if rows else []
-    head = ["model", "method", "rank", "KLD to F16", "top-1 %", "perplexity"] + [f"{n} {m}" for n, m in task_cols] + \
-        ["model MB", "adapter MB", "bits/weight (incl. adapter)", "gap recovered (ppl)"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    for r in rows:
-        gap = f"{r['gap_recovered_pct']:.1f}%" if r["gap_recovered_pct"] is not None else ""
-        tasks = [f"{r['tasks'][n][m]:.2f}" if n in r.get("tasks", {}) else "" for n, m in task_cols]
-        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else ""
-        top1 = f"{100 * r['top1']:.2f}" if r.get("top1") is not None else ""
-        cells = [r["quant"], r["method"], str(r["rank"] or ""), kld, top1, f"{r['ppl']:.3f}", *tasks,
-                 f"{r['model_bytes'] / 1e6:.1f}", f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['bpw']:.3f}", gap]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -39,6 +39,8 @@ import torch
 
 from . import calib_data, calibration
 from .errors import EoraError, staged_outputs
+from .hf_model import calibration_ids, check_model_folder, read_tensors, tensor_files
+from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +179,13 @@ def prune_model(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 
     Layer-streamed and sequential (see the module docstring); returns what was done (layers, weights zeroed,
     the mean relative layer-output error ‖(W − Ŵ)X‖/‖WX‖ over the calibration inputs)."""
-    from .compensate import calibration_ids
 
     if method not in METHODS:
         raise EoraError(f"unknown pruning method {method!r}: choose one of {', '.join(METHODS)}")
     sp = Sparsity.parse(sparsity) if isinstance(sparsity, str) else sparsity
     src = Path(hf_dir)
-    calibration.check_model_folder(src)
-    files = calibration.tensor_files(src)
+    check_model_folder(src)
+    files = tensor_files(src)
     shards = sorted({p.name for p in files.values()})
     extra = [p for p in src.iterdir() if p.name not in shards and p.name != RECORD]
     with staged_outputs() as staging:
@@ -193,11 +194,11 @@ def prune_model(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         pruned: dict[str, torch.Tensor] = {}
         errors: list[float] = []
 
-        def on_layer(i: int, stats: calibration.CalibrationStats) -> dict[str, torch.Tensor]:
+        def on_layer(i: int, stats: CalibrationStats) -> dict[str, torch.Tensor]:
             out = {}
             for module in stats.modules(i):
                 key = f"{module}.weight"
-                w = calibration._read_tensors(files, [key])[key].to(torch.float32)
+                w = read_tensors(files, [key])[key].to(torch.float32)
                 cov = stats.covariance(module)
                 check_shape(sp, w.shape[1], module)
                 wp = prune_weight(method, w, cov, sp)

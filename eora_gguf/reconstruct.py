@@ -48,7 +48,7 @@ def build_model(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .compensate import load_config
+    from .hf_model import load_config
 
     config = load_config(hf_dir)
     names = NameMap.from_config(config)

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from .errors import EoraError, atomic_output, staged_outputs
-from .pipeline import format_table
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +18,23 @@ METHOD_STYLE = {"-": ("none", "black", "o"), "eora": ("EoRA", "tab:red", "s"), "
 TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "gsm8k": "GSM8K",
                "arc_easy_val": "ARC-Easy (val)", "arc_challenge_val": "ARC-Challenge (val)"}
 
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of the rows: perplexity, each task's accuracy, sizes and the gap recovered."""
+    task_cols = [(name, "acc_norm" if "acc_norm" in m else "exact_match")
+                 for name, m in (rows[0].get("tasks") or {}).items()] if rows else []
+    head = ["model", "method", "rank", "KLD to F16", "top-1 %", "perplexity"] + [f"{n} {m}" for n, m in task_cols] + \
+        ["model MB", "adapter MB", "bits/weight (incl. adapter)", "gap recovered (ppl)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        gap = f"{r['gap_recovered_pct']:.1f}%" if r["gap_recovered_pct"] is not None else ""
+        tasks = [f"{r['tasks'][n][m]:.2f}" if n in r.get("tasks", {}) else "" for n, m in task_cols]
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else ""
+        top1 = f"{100 * r['top1']:.2f}" if r.get("top1") is not None else ""
+        cells = [r["quant"], r["method"], str(r["rank"] or ""), kld, top1, f"{r['ppl']:.3f}", *tasks,
+                 f"{r['model_bytes'] / 1e6:.1f}", f"{r['adapter_bytes'] / 1e6:.2f}", f"{r['bpw']:.3f}", gap]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 def load_sweep(path: str | os.PathLike[str]) -> dict:
     p = Path(path)

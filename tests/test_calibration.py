@@ -5,7 +5,10 @@ import json
 import pytest
 import torch
 
-from eora_gguf.calibration import CalibrationStats, StreamedModel, collect_stats, model_identity, stream
+from eora_gguf.calibration import collect_stats, stream
+from eora_gguf.hf_model import model_identity
+from eora_gguf.stats import CalibrationStats
+from eora_gguf.walker import StreamedModel
 from eora_gguf.errors import EoraError
 
 VOCAB, SAMPLES, SEQLEN = 96, 5, 24

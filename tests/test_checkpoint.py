@@ -7,6 +7,7 @@ import pytest
 from eora_gguf import checkpoint
 from eora_gguf import compensate as comp
 from eora_gguf.cli import main
+from eora_gguf.solver import LayerSolver
 from eora_gguf.errors import EoraError
 
 
@@ -42,8 +43,8 @@ def test_resumed_run_writes_the_uninterrupted_adapter(tiny_q4, tmp_path, monkeyp
             _run(tiny_q4, out, propagate=propagate)
     assert not out.exists() and checkpoint.folder_for(out).is_dir()
     solved: list[str] = []
-    one = comp._Solver._solve_one
-    monkeypatch.setattr(comp._Solver, "_solve_one", lambda self, st, mod: solved.append(mod) or one(self, st, mod))
+    one = LayerSolver._solve_one
+    monkeypatch.setattr(LayerSolver, "_solve_one", lambda self, st, mod: solved.append(mod) or one(self, st, mod))
     _run(tiny_q4, out, propagate=propagate)
     assert solved and all(".layers.1." in m for m in solved)  # layer 0 came from the checkpoint
     assert out.read_bytes() == whole.read_bytes()
@@ -73,7 +74,7 @@ def test_failure_before_the_first_layer_leaves_nothing(tiny_q4, tmp_path, monkey
     def fail(self, stats, module):
         raise EoraError("boom")
 
-    monkeypatch.setattr(comp._Solver, "_solve_one", fail)
+    monkeypatch.setattr(LayerSolver, "_solve_one", fail)
     with pytest.raises(EoraError, match="boom"):
         _run(tiny_q4, tmp_path / "a.gguf")
     assert list(tmp_path.iterdir()) == []

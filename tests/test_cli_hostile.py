@@ -22,7 +22,7 @@ import gguf
 import numpy as np
 import pytest
 
-from eora_gguf import compensate as comp
+from eora_gguf import calibration
 from eora_gguf.cli import main
 from tiny_models import _WORDS, build_tiny_model, write_gguf_copy, write_synthetic_gguf
 
@@ -69,7 +69,7 @@ def no_calibration(monkeypatch):
     """Fail the test if a calibration starts: refusals must come before the work."""
     def boom(*a, **k):
         raise AssertionError("the calibration ran before the refusal")
-    monkeypatch.setattr(comp.calibration, "stream", boom)
+    monkeypatch.setattr(calibration, "stream", boom)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

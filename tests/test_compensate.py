@@ -22,6 +22,7 @@ from eora_gguf import compensate as comp
 from eora_gguf import budget as B
 from eora_gguf import llamacpp, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora
+from eora_gguf.budgeted import measure_importance
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
@@ -490,7 +491,7 @@ def test_importance_of_embeddings_and_head(solved):
     names = NameMap.from_config(json.loads((s["hf"] / "config.json").read_text()))
     ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
     with open_gguf(s["q"]) as base:
-        kl = comp.measure_importance(s["hf"], base, names, ["token_embd.weight", "output.weight",
+        kl = measure_importance(s["hf"], base, names, ["token_embd.weight", "output.weight",
                                                              "blk.0.ffn_down.weight"], ids, draws=2)
     assert set(kl) == {"token_embd.weight", "output.weight", "blk.0.ffn_down.weight"}
     assert all(v >= 0 for v in kl.values())

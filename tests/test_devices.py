@@ -8,6 +8,7 @@ import torch
 from eora_gguf import calibration, devices
 from eora_gguf import compensate as comp
 from eora_gguf.errors import EoraError
+from eora_gguf.hf_model import calibration_ids
 
 from conftest import adapter_products
 
@@ -24,7 +25,7 @@ def test_resolve():
 
 @pytest.fixture(scope="module")
 def ids(tiny_q4):
-    return comp.calibration_ids(tiny_q4["hf"], str(tiny_q4["calib"]), samples=4, seqlen=64)
+    return calibration_ids(tiny_q4["hf"], str(tiny_q4["calib"]), samples=4, seqlen=64)
 
 
 def test_explicit_cpu_device_is_the_default_path(tiny_q4, ids):

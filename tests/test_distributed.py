@@ -12,7 +12,7 @@ import pytest
 
 from eora_gguf import compensate as comp
 from eora_gguf import distributed
-from eora_gguf.calibration import CalibrationStats
+from eora_gguf.stats import CalibrationStats
 
 from conftest import adapter_products
 

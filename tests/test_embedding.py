@@ -14,6 +14,7 @@ from eora_gguf import embedding, llamacpp, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora, write_peft
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
+from eora_gguf.hf_model import load_config
 from eora_gguf.naming import NameMap
 from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_gguf_copy, write_synthetic_gguf
 
@@ -298,7 +299,7 @@ def test_peft_export_of_token_embd_and_lm_head(tmp_path):
     from transformers import AutoModelForCausalLM
 
     hf = build_tiny_model("llama", tmp_path / "hf")
-    names = NameMap.from_config(comp.load_config(hf))
+    names = NameMap.from_config(load_config(hf))
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     vocab, hidden = model.get_input_embeddings().weight.shape
     rng = np.random.default_rng(3)

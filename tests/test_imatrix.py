@@ -13,7 +13,7 @@ import torch
 
 from eora_gguf import calibration, llamacpp
 from eora_gguf import imatrix as im
-from eora_gguf.calibration import CalibrationStats
+from eora_gguf.stats import CalibrationStats
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.naming import INPUT_GROUPS, NameMap, model_dims

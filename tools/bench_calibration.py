@@ -90,7 +90,7 @@ def _spawn(kind: str, args, ids_path: str, out_path: str | None = None) -> dict:
 
 
 def _layer_bound_mb(hf: str, samples: int, seqlen: int, baseline_mb: float) -> dict:
-    from eora_gguf.calibration import SITE_OF_LEAF, StreamedModel
+    from eora_gguf.walker import SITE_OF_LEAF, StreamedModel
 
     sm = StreamedModel(hf)
     layer = sum(p.numel() for p in sm.layers[0].parameters()) * 4

@@ -30,10 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from eora_gguf import adapter as adapter_io  # noqa: E402
-from eora_gguf import assets, importance, llamacpp  # noqa: E402
+from eora_gguf import assets, budgeted, hf_model, importance, llamacpp  # noqa: E402
 from eora_gguf import budget as B  # noqa: E402
 from eora_gguf import compensate as comp  # noqa: E402
-from eora_gguf.calibration import CalibrationStats  # noqa: E402
+from eora_gguf.stats import CalibrationStats  # noqa: E402
 from eora_gguf.gguf_io import open_gguf  # noqa: E402
 from eora_gguf.naming import NameMap  # noqa: E402
 
@@ -128,7 +128,7 @@ def main() -> int:
         result["seconds"]["calibrate"] = round(time.perf_counter() - t0, 1)
     stats = CalibrationStats.load(stats_file)
     result["f16_bytes"] = f16.stat().st_size
-    result["n_weights"] = comp.n_params(f16)
+    result["n_weights"] = budgeted.n_params(f16)
 
     bases = args.bases.split(",")
     sols: dict[str, B.Solution] = {}
@@ -219,8 +219,8 @@ def fisher_check(hf: Path, qpath: Path, sol: B.Solution, picks: list[str]) -> li
     """The solution's Fisher KL of each picked tensor against injecting its error alone (same 16 x 128 tokens)."""
     from transformers import AutoModelForCausalLM
 
-    names = NameMap.from_config(comp.load_config(hf))
-    ids = comp.calibration_ids(hf, "demo,stories", samples=16, seqlen=128)
+    names = NameMap.from_config(hf_model.load_config(hf))
+    ids = hf_model.calibration_ids(hf, "demo,stories", samples=16, seqlen=128)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     params = dict(model.named_parameters())
     rows = []

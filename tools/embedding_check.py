@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eora_gguf import adapter, assets, calib_data, calibration, embedding, llamacpp  # noqa: E402
+from eora_gguf import adapter, assets, calib_data, calibration, embedding, hf_model, llamacpp  # noqa: E402
 from eora_gguf import compensate as comp  # noqa: E402
 from eora_gguf.gguf_io import open_gguf  # noqa: E402
+from eora_gguf.stats import CalibrationStats  # noqa: E402
 
 CTX, CHUNKS, THREADS = 512, 16, 2
 _KLD = re.compile(r"Mean\s+KLD:\s+([-0-9.e+]+)\s+±\s+([-0-9.e+]+)")
@@ -87,7 +88,7 @@ def smoothing_study(hf: Path, text: Path, work: Path, quant: str, out_path: Path
     """How well the token_embd correction carries to held-out text, per pseudo-count α: the relative error
     Σ_t u_t ‖ΔE_t − P_t‖² / Σ_t u_t ‖ΔE_t‖², u_t the token counts of the evaluation text (CTX x CHUNKS tokens),
     P solved with calibration counts + α. Needs the files the main run leaves in `work`."""
-    tok = comp.load_tokenizer(hf)
+    tok = hf_model.load_tokenizer(hf)
     est = embedding.EmbeddingStats.load(work / "embd-stats.safetensors")
     eval_ids = torch.tensor(tok(text.read_text())["input_ids"][: CTX * CHUNKS])
     u = embedding.token_counts(eval_ids, est.counts.shape[0])
@@ -96,7 +97,7 @@ def smoothing_study(hf: Path, text: Path, work: Path, quant: str, out_path: Path
     with open_gguf(work / f"untied-{quant}.gguf") as m:
         eq = torch.from_numpy(m.dequantize("token_embd.weight")).to(torch.float64)
         qtype = m.tensor("token_embd.weight").qtype.name
-    de = embedding.hf_weight(calibration.tensor_files(un_hf), "token_embd.weight")[: eq.shape[0]] - eq
+    de = embedding.hf_weight(hf_model.tensor_files(un_hf), "token_embd.weight")[: eq.shape[0]] - eq
     before = float(((de * de) * u[:, None]).sum())
     res: dict = {"quant": quant, "token_embd_type": qtype, "eval_tokens": int(eval_ids.numel()),
                  "eval_rel_error": {}, "calib_rel_error": {}}
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     stats_file, emb_file = work / "stats.safetensors", work / "embd-stats.safetensors"
     if not (stats_file.exists() and emb_file.exists()):
-        tok = comp.load_tokenizer(hf)
+        tok = hf_model.load_tokenizer(hf)
         ids = calib_data.build_calibration("demo,stories", tok, samples=64, seqlen=512)
         st, hidden = calibration.stream(hf, ids, batch_size=8, calib_fingerprint=calib_data.calibration_fingerprint(
             "demo,stories", ids), return_hidden=True)
@@ -191,15 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         embedding.collect(hf, ids, hidden).save(emb_file)
         del hidden
         out["seconds"]["calibrate"] = round(time.perf_counter() - t0, 1)
-    stats = calibration.CalibrationStats.load(stats_file)
+    stats = CalibrationStats.load(stats_file)
     est = embedding.EmbeddingStats.load(emb_file)
     est_counts = est.counts
     out["calibration_vocab_coverage"] = float((est_counts > 0).double().mean())
-    eval_ids = comp.load_tokenizer(hf)(text.read_text())["input_ids"][: CTX * CHUNKS]
+    eval_ids = hf_model.load_tokenizer(hf)(text.read_text())["input_ids"][: CTX * CHUNKS]
     seen = set(int(i) for i in torch.nonzero(est_counts).flatten())
     out["eval_tokens_unseen_in_calibration"] = float(np.mean([i not in seen for i in eval_ids]))
-    un_stats = calibration.CalibrationStats(stats.covariances, stats.n_tokens, stats.module_sites,
-                                            {**stats.meta, "model": calibration.model_identity(un_hf)})
+    un_stats = CalibrationStats(stats.covariances, stats.n_tokens, stats.module_sites,
+                                            {**stats.meta, "model": hf_model.model_identity(un_hf)})
 
     # the tied embedding's type as a byte lever (token_embd is quantized as the output tensor when tied)
     for q in lever_quants:

@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 import torch
 
-from eora_gguf import assets, calib_data, calibration, compensate, llamacpp
+from eora_gguf import assets, calib_data, calibration, hf_model, llamacpp
 from eora_gguf import imatrix as im
 from eora_gguf.errors import atomic_output
 from eora_gguf.naming import NameMap
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     f16 = work / "f16.gguf"
     if not f16.exists():
         llamacpp.convert(llama, hf, f16)
-    tok = compensate.load_tokenizer(hf)
+    tok = hf_model.load_tokenizer(hf)
     texts = write_texts(tok, work, chunks=args.chunks, ctx=args.ctx)
     eval_text = assets.text_file("eval")
     seconds["setup"] = time.perf_counter() - t0
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         stats = calibration.collect_stats(hf, torch.from_numpy(ids), batch_size=8)
         t_calib = time.perf_counter() - t
-        names = NameMap.from_config(compensate.load_config(hf))
+        names = NameMap.from_config(hf_model.load_config(hf))
         im.write_imatrix(stats, names, ours, datasets=[texts[0].name])
         ours_meta.write_text(json.dumps({"tokens": t_tokens, "our_calibration": t_calib,
                                          "windows_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),

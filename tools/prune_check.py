@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from eora_gguf import assets, calibration
+from eora_gguf import assets, hf_model
 from eora_gguf.errors import atomic_output
 from eora_gguf.prune import Sparsity, nm_violations
 
@@ -39,12 +39,12 @@ def _run(cmd: list[str], summary: Path) -> dict:
 
 
 def _pattern(folder: Path, sparsity: Sparsity) -> dict:
-    files = calibration.tensor_files(folder)
+    files = hf_model.tensor_files(folder)
     linears = [n for n in files if ".layers." in n and n.endswith("proj.weight")]
     out = {"weights": len(linears), "violating_groups": 0, "zero_fraction": 0.0}
     total = zeros = 0
     for name in linears:
-        w = calibration._read_tensors(files, [name])[name]
+        w = hf_model.read_tensors(files, [name])[name]
         out["violating_groups"] += nm_violations(w, sparsity.n, sparsity.m) if sparsity.structured else 0
         total, zeros = total + w.numel(), zeros + int((w == 0).sum())
     out["zero_fraction"] = zeros / total
