@@ -1,10 +1,21 @@
 """eora-gguf: EoRA low-rank compensation for llama.cpp GGUF quantization.
 
-Data flow, one module per step:
-  llamacpp   locate/build the pinned llama.cpp; convert, quantize, perplexity
-  assets     the demo model and data sets (fetched once, cached)
-  calibration, gguf_io, naming, eora, adapter   (compensation pipeline)
-  kernels    the native fused dequant + low-rank kernels (cffi)
+The package reads top-down as the data flows (README "Data flow" has the full module map):
+  inputs         assets (demo model, data sets), calib_data (calibration text), hf_model (the HF folder on disk)
+  layer walk     walker: the model one decoder layer at a time; processors hook -> accumulate -> process ->
+                 finalize per layer (calibration statistics, the solve, pruning, validation)
+  statistics     calibration (the covariance processor, `stream`), stats (the file), imatrix (llama-imatrix GGUF)
+  GGUF + names   gguf_io (read, dequantize, checks), naming (HF <-> GGUF names, Q/K row order)
+  solve          eora (pure math), fast_solve (randomized block Krylov), solver (per layer, against the GGUF)
+  adapters       adapter (GGUF LoRA + PEFT writers), embedding (token_embd / output)
+  compensation   compensate (end to end), budget + budgeted (byte budgets), importance, refine
+  scale          devices, distributed (torchrun), checkpoint (resume)
+  other passes   prune, finetune, reconstruct, validate
+  llama.cpp      llamacpp (build/patch + run its tools), llama_eval (our libllama client), serve
+  evaluation     evaluate, tasks, report, ladder, info
+  workflows      pipeline (run / sweep), make, cli (the verbs), __main__
+  native         _native (cffi binding), kernels (typed wrappers of the fused kernels)
+  support        errors (EoraError, atomic outputs), cache (cache folder, locks)
 """
 from __future__ import annotations
 
