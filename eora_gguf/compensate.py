@@ -135,7 +135,8 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
     if method not in eora.METHODS:
         raise EoraError(f"unknown --method {method!r}: choose one of {', '.join(eora.METHODS)}")
     if adapter_type not in adapter_io.ADAPTER_DTYPES:
-        raise EoraError(f"unknown --adapter-type {adapter_type!r}: choose one of {', '.join(adapter_io.ADAPTER_DTYPES)}")
+        raise EoraError(f"unknown --adapter-type {adapter_type!r}: "
+                        f"choose one of {', '.join(adapter_io.ADAPTER_DTYPES)}")
     if propagate not in PROPAGATE_MODES:
         raise EoraError(f"unknown --propagate {propagate!r}: choose one of {', '.join(PROPAGATE_MODES)}")
     config = load_config(hf)

@@ -26,9 +26,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .stats import CalibrationStats
 from .errors import EoraError, atomic_output
 from .naming import NameMap
+from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
                   chunk_count=int(fields[KEY_CHUNK_COUNT].contents()),
                   chunk_size=int(fields[KEY_CHUNK_SIZE].contents()))
     tensors = {t.name: t for t in reader.tensors}
-    for tname, t in tensors.items():
+    for tname in tensors:
         if not tname.endswith((SUM_SUFFIX, COUNT_SUFFIX)):
             continue
         base = tname.rsplit(".", 1)[0]

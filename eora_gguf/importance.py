@@ -66,7 +66,7 @@ def fisher_kl(model: nn.Module, deltas: Mapping[str, torch.Tensor], input_ids: t
         scores: dict[str, torch.Tensor] = {}
         handles = []
 
-        def forward_hook(name: str):
+        def forward_hook(name: str, inputs: dict = inputs, scores: dict = scores):
             def hook(module, args, output):
                 x = args[0]
                 inputs[name] = x.detach()

@@ -259,7 +259,7 @@ def uniform_pair_maker(hf_dir: Path, stats_file: Path, *, ranks: Sequence[int] =
                 cand = (files[r], {"rank": r, "adapter_type": atype, "method": method})
                 if best is None or cand[0].stat().st_size > best[0].stat().st_size:
                     best = cand
-            for r, p in files.items():  # keep only what a row uses
+            for p in files.values():  # keep only what a row uses
                 if best is None or p != best[0]:
                     p.unlink(missing_ok=True)
         with atomic_output(chosen) as tmp:

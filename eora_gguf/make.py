@@ -101,8 +101,8 @@ def _key(*parts: object) -> str:
 def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec], rank: int | None = None,
          budget: str | None = None, method: str = "eora", adapter_type: str | None = None, samples: int = 32,
          seqlen: int = 512, use_imatrix: bool = True, peft: bool = False, text: Path | None = None, ctx: int = 512,
-         chunks: int | None = 16, threads: int | None = None, port: int = 8080, prompt: str = "The capital of France is",
-         force: bool = False, verbose: bool = False) -> dict:
+         chunks: int | None = 16, threads: int | None = None, port: int = 8080,
+         prompt: str = "The capital of France is", force: bool = False, verbose: bool = False) -> dict:
     """Run every step (see the module docstring); returns the content of make.json plus `seconds` and `output`."""
     from . import compensate, imatrix, serve
     from .budget import Budget
@@ -271,7 +271,8 @@ def model_card(r: dict) -> str:
         lines += ["Nothing was measured: run `eora-gguf make` with `--text FILE` to measure each adapter's KL "
                   "divergence to the F16 model on your evaluation text.", ""]
     else:
-        lines += [f"On `{Path(m['text']).name}` ({m['chunks']} chunks × {m['ctx']} tokens, {m['tokens_scored']} scored, "
+        lines += [f"On `{Path(m['text']).name}` ({m['chunks']} chunks × {m['ctx']} tokens, "
+                  f"{m['tokens_scored']} scored, "
                   "as llama-perplexity scores them): mean KL divergence to the F16 model, top-1 agreement with it, "
                   "perplexity.", "", "| model | adapter | KLD to F16 | ± | top-1 % | perplexity | ± |",
                   "|---|---|---:|---:|---:|---:|---:|"]

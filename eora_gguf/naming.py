@@ -143,7 +143,8 @@ class NameMap:
                 break
         m = _LAYER.match(name)
         if not m or m["prefix"] != "model." or m["module"] not in LINEAR_MODULES:
-            raise EoraError(f"{hf_module!r} is not an adapted linear layer (model.layers.N.<{'|'.join(LINEAR_MODULES)}>)")
+            raise EoraError(f"{hf_module!r} is not an adapted linear layer "
+                            f"(model.layers.N.<{'|'.join(LINEAR_MODULES)}>)")
         bid = int(m["bid"])
         if bid >= self.dims.n_layers:
             raise EoraError(f"{hf_module!r}: the model has only {self.dims.n_layers} layers")

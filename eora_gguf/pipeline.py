@@ -75,7 +75,8 @@ def run_all(args: RunOptions) -> dict:
     quants = [q.upper() for q in _csv(args.quant, "quant")]
     for q in quants:
         if q not in llamacpp.QUANT_TYPES:
-            raise EoraError(f"unknown quantization type {q!r} in --quant: choose from {', '.join(llamacpp.QUANT_TYPES)}")
+            raise EoraError(f"unknown quantization type {q!r} in --quant: "
+                            f"choose from {', '.join(llamacpp.QUANT_TYPES)}")
     try:
         ranks = sorted({int(r) for r in _csv(args.rank, "rank")})
     except ValueError:

@@ -235,7 +235,8 @@ def check_logits(llama: Any, hf_dir: str | os.PathLike[str], gguf_path: str | os
 
 def summarize(result: Mapping[str, Any]) -> str:
     """A few human-readable lines of `check_logits`' result."""
-    lines = [f"{result['tokens']} scored tokens ({result['chunks']} chunks of {result['ctx']}), torch {result['dtype']}"]
+    lines = [f"{result['tokens']} scored tokens ({result['chunks']} chunks of {result['ctx']}), "
+             f"torch {result['dtype']}"]
     for key, label in (("base", "llama.cpp vs torch, base"), ("adapter", "llama.cpp vs torch, base + adapter"),
                        ("adapter_effect", "llama.cpp base vs base + adapter (adapter effect)"),
                        ("adapter_vs_torch_base", "llama.cpp base + adapter vs torch base")):

@@ -156,8 +156,9 @@ class Server:
     def complete(self, prompt: str, *, lora: list[dict] | None, n_predict: int = 8, n_probs: int = 5,
                  cache_prompt: bool = True) -> dict:
         """Greedy completion; `lora=None` sends no `lora` field. Returns {tokens (an end-of-generation token
-        included, stop_type "eos"), content, stop_type, logprobs (per generated token), top (per token: {id: logprob} of the n_probs most likely), reused (prompt tokens taken from the
-        cache instead of evaluated)}."""
+        included, stop_type "eos"), content, stop_type, logprobs (per generated token), top (per token:
+        {id: logprob} of the n_probs most likely), reused (prompt tokens taken from the cache instead of
+        evaluated)}."""
         body: dict = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "n_probs": n_probs,
                       "return_tokens": True, "cache_prompt": cache_prompt, "seed": 0}
         if lora is not None:

@@ -221,7 +221,8 @@ def solve_layers(solver: LayerSolver, hf: Path, names: NameMap, *, calib: str | 
             raise EoraError("--propagate compensated calibrates as it solves: give --calib, not --stats")
         st = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
         st.check_model(hf)
-        ckpt = checkpoint.restore(solver, resume, {"stats": st.meta.get("calibration"), "tokens": st.meta.get("tokens")})
+        done = {"stats": st.meta.get("calibration"), "tokens": st.meta.get("tokens")}
+        ckpt = checkpoint.restore(solver, resume, done)
         for bid in range(ckpt.done if ckpt else 0, names.dims.n_layers):
             solver.layer(st, st.modules(bid))
             if ckpt is not None:

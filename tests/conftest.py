@@ -78,6 +78,7 @@ def tiny_q4(tiny_hf, tmp_path_factory):
     import random
 
     import gguf
+
     from tiny_models import _WORDS, write_synthetic_gguf
 
     d = tmp_path_factory.mktemp("tiny-q4")

@@ -15,6 +15,7 @@ from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.llamacpp import token_logprobs
 from eora_gguf.naming import NameMap, permute_rows
+
 from tiny_models import _WORDS, ARCHS, SYNTH, hf_state, write_gguf_copy, write_synthetic_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -24,7 +25,8 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
 
 
-def random_factors(base_weights: dict[str, np.ndarray], rank, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def random_factors(base_weights: dict[str, np.ndarray], rank,
+                   seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = {}
     for i, (name, w) in enumerate(base_weights.items()):
@@ -94,7 +96,8 @@ def test_q8_0_falls_back_to_f16_for_short_rows(base, tmp_path, caplog):
     info = check_gguf_lora(out, path)
     assert set(info.types.values()) == {("Q8_0", "F16")}
     # one line for all of them (the rank 8 of every lora_b), not one per tensor
-    summary = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and "stored as F16" in r.getMessage()]
+    summary = [r.getMessage() for r in caplog.records
+               if r.levelno >= logging.INFO and "stored as F16" in r.getMessage()]
     assert len(summary) == 1 and summary[0].startswith(f"{len(info.types)} adapter tensor(s)"), summary
 
 

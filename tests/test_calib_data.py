@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from eora_gguf import calib_data
-from eora_gguf.calib_data import (build_calibration, calibration_fingerprint, parse_spec, read_texts,
-                                  record_text, split_counts)
+from eora_gguf.calib_data import (
+    build_calibration,
+    calibration_fingerprint,
+    parse_spec,
+    read_texts,
+    record_text,
+    split_counts,
+)
 from eora_gguf.errors import EoraError
 
 WORDS_A = [f"alpha{i}" for i in range(40)]
@@ -83,7 +89,8 @@ def test_record_text_rules():
     # GSM8K: question + worked answer
     assert record_text({"question": "Q?", "answer": "A.", "short_answer": "4"}) == "Q?\nA."
     # ARC as shipped by eora_gguf.assets: list choices + gold index
-    assert record_text({"question": "Q?", "query": "Question: Q?\nAnswer:", "choices": ["x", "y"], "gold": 1}) == "Q?\ny"
+    record = {"question": "Q?", "query": "Question: Q?\nAnswer:", "choices": ["x", "y"], "gold": 1}
+    assert record_text(record) == "Q?\ny"
     # ARC as on the hub: labelled choices + answerKey
     rec = {"question": "Q?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}, "answerKey": "C"}
     assert record_text(rec) == "Q?\nz"

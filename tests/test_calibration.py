@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from eora_gguf.calibration import collect_stats, stream
+from eora_gguf.errors import EoraError
 from eora_gguf.hf_model import model_identity
 from eora_gguf.stats import CalibrationStats
 from eora_gguf.walker import StreamedModel
-from eora_gguf.errors import EoraError
 
 VOCAB, SAMPLES, SEQLEN = 96, 5, 24
 ARCHS = ("llama", "qwen2", "gemma3", "mistral", "qwen3", "gemma2")
@@ -18,8 +18,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden
 
 
 def _config(arch: str, **over):
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if arch == "llama":
         return LlamaConfig(**COMMON, tie_word_embeddings=False, **over)
@@ -103,7 +102,8 @@ def test_streamed_hidden_and_covariances_match_full_model(models, ids, arch):
     for name, ref in covs.items():
         mean = stats.covariance(name)
         assert mean.dtype == torch.float64
-        torch.testing.assert_close(mean, ref / (SAMPLES * SEQLEN), atol=1e-5 * ref.abs().max().item() / SAMPLES / SEQLEN,
+        torch.testing.assert_close(mean, ref / (SAMPLES * SEQLEN),
+                                   atol=1e-5 * ref.abs().max().item() / SAMPLES / SEQLEN,
                                    rtol=1e-5)
     assert len(stats.covariances) == 4 * COMMON["num_hidden_layers"]
     assert stats.module_sites["model.layers.1.self_attn.k_proj"] == "model.layers.1.attn_in"
@@ -163,7 +163,8 @@ def test_compensated_with_modified_weights_feeds_forward(models, ids):
     comp, h = stream(d, ids, propagate="compensated", compensate=lambda i, s: new if i == 0 else {})
     # layer 0 saw the original inputs; everything downstream saw the modified layer 0
     for site in ("attn_in", "o_in", "mlp_in", "down_in"):
-        torch.testing.assert_close(comp.covariances[f"model.layers.0.{site}"], ref.covariances[f"model.layers.0.{site}"])
+        key = f"model.layers.0.{site}"
+        torch.testing.assert_close(comp.covariances[key], ref.covariances[key])
         assert not torch.allclose(comp.covariances[f"model.layers.1.{site}"], ref.covariances[f"model.layers.1.{site}"])
     # oracle: the full model with those weights replaced
     h_full, covs = _full_forward(d, ids, {k.removesuffix(".weight"): v for k, v in new.items()})
@@ -266,7 +267,7 @@ def test_only_one_layer_is_real_at_a_time(models, ids, monkeypatch):
 
     def spy(self, i):
         layer = orig(self, i)
-        real_counts.append(sum(p.device.type != "meta" for l in self.layers for p in l.parameters()))
+        real_counts.append(sum(p.device.type != "meta" for layer in self.layers for p in layer.parameters()))
         return layer
 
     monkeypatch.setattr(StreamedModel, "load_layer", spy)

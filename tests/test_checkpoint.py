@@ -7,8 +7,8 @@ import pytest
 from eora_gguf import checkpoint
 from eora_gguf import compensate as comp
 from eora_gguf.cli import main
-from eora_gguf.solver import LayerSolver
 from eora_gguf.errors import EoraError
+from eora_gguf.solver import LayerSolver
 
 
 class Interrupted(Exception):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eora_gguf.cli import main
+
 from tiny_models import _WORDS
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from eora_gguf import calibration
 from eora_gguf.cli import main
+
 from tiny_models import _WORDS, build_tiny_model, write_gguf_copy, write_synthetic_gguf
 
 Q = gguf.GGMLQuantizationType

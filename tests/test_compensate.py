@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from eora_gguf import compensate as comp
 from eora_gguf import budget as B
+from eora_gguf import compensate as comp
 from eora_gguf import llamacpp, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora
 from eora_gguf.budgeted import measure_importance
@@ -27,6 +27,7 @@ from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.naming import NameMap
+
 from tiny_models import _WORDS, load_tokenizer, write_gguf_copy, write_synthetic_gguf
 
 RANK = 8

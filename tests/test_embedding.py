@@ -16,7 +16,8 @@ from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.hf_model import load_config
 from eora_gguf.naming import NameMap
-from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_gguf_copy, write_synthetic_gguf
+
+from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_synthetic_gguf
 
 V, D = 60, 8
 

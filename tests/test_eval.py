@@ -85,8 +85,9 @@ MC = [  # hand-made items; which choice is right does not matter for the check, 
 def torch_scores(hf_dir: Path, requests: list[tuple[str, list[str]]]) -> list[list[float]]:
     """Independent lm-eval-style log-likelihoods in float64 with transformers and the HF tokenizer."""
     import torch
-    from tiny_models import load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from tiny_models import load_tokenizer
 
     tok = load_tokenizer(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
@@ -154,10 +155,11 @@ def test_adapter_changes_scores(tiny_hf, tiny_gguf, llama, tmp_path):
 @pytest.mark.llama_cpp
 def test_greedy_generation_matches_torch_and_stops(tiny_hf, tiny_gguf, llama):
     import torch
-    from tiny_models import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     from eora_gguf import llama_eval
+
+    from tiny_models import load_tokenizer
 
     hf = tiny_hf("llama")
     prompts = ["the model reads a quantized", "one two three", "quick brown fox"]

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzz_targets as ft
 from eora_gguf import _native
+
+import fuzz_targets as ft
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

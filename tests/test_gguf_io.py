@@ -9,6 +9,7 @@ import pytest
 
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import check_matches, open_gguf
+
 from tiny_models import SYNTH, write_synthetic_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -98,6 +99,7 @@ def test_k_quants_from_llama_quantize(tiny_hf, tiny_gguf, llama, tmp_path):
     """A real llama-quantize Q4_K_M file: every adapted weight dequantizes close to the HF weight, in GGUF order."""
     from eora_gguf import llamacpp
     from eora_gguf.naming import NameMap
+
     from tiny_models import hf_state
 
     hf_dir, f32 = tiny_hf("llama"), tiny_gguf("llama", "f32")

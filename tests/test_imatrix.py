@@ -13,10 +13,11 @@ import torch
 
 from eora_gguf import calibration, llamacpp
 from eora_gguf import imatrix as im
-from eora_gguf.stats import CalibrationStats
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.naming import INPUT_GROUPS, NameMap, model_dims
+from eora_gguf.stats import CalibrationStats
+
 from tiny_models import _WORDS, SYNTH
 
 SITES = ("attn_in", "o_in", "mlp_in", "down_in")  # one per INPUT_GROUPS entry

@@ -12,6 +12,7 @@ from eora_gguf.adapter import header_bytes, write_gguf_lora
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.info import check_fit, describe, provenance
+
 from tiny_models import SYNTH, write_synthetic_gguf
 
 

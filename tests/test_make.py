@@ -9,13 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_cli import run_json, words
 
 from eora_gguf import serve
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 from eora_gguf.info import check_fit, describe
 from eora_gguf.make import CalibSpec, parse_calibs
-from test_cli import run_json, words
 
 
 def test_calib_spec_names():

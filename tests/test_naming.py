@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from eora_gguf.errors import EoraError
-from eora_gguf.naming import (GGUF_ARCH, INPUT_GROUPS, LINEAR_MODULES, NameMap, gguf_arch, model_dims,
-                              permute_rows, unpermute_rows)
+from eora_gguf.naming import (
+    GGUF_ARCH,
+    INPUT_GROUPS,
+    LINEAR_MODULES,
+    NameMap,
+    gguf_arch,
+    model_dims,
+    permute_rows,
+    unpermute_rows,
+)
 
 CFG = dict(model_type="llama", num_hidden_layers=3, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
            intermediate_size=512)
@@ -66,7 +74,8 @@ def test_permuted_only_for_llama_family():
         if arch == "llama":
             assert (q, k) == (8, 2)
             x = np.arange(64 * 8).reshape(64, 8)
-            np.testing.assert_array_equal(names.hf_to_gguf_rows("model.layers.1.self_attn.k_proj", x), permute_rows(x, 2))
+            k_rows = names.hf_to_gguf_rows("model.layers.1.self_attn.k_proj", x)
+            np.testing.assert_array_equal(k_rows, permute_rows(x, 2))
             np.testing.assert_array_equal(
                 names.gguf_to_hf_rows("model.layers.1.self_attn.k_proj", permute_rows(x, 2)), x)
         else:

@@ -23,7 +23,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
 
 from eora_gguf import llamacpp
 from eora_gguf.errors import EoraError
@@ -335,7 +334,8 @@ def test_server_and_cli_with_lora(tiny, llama, patched):
     stock = _server_completion(patched, model, lora, PROMPT, {"EORA_LLAMA_FUSE": "0"})
     assert fused == stock and len(fused) > 0
     gen, _ = generate(llama, model, [lora], PROMPT, n=32)
-    lines = (lambda s: s.replace("\r\n", "\n").replace("\r", "\n"))  # stdout was read in text mode
+    def lines(s: str) -> str:  # stdout was read in text mode
+        return s.replace("\r\n", "\n").replace("\r", "\n")
     assert lines(fused) in lines(gen)
 
     # llama-cli here is the chat client: one turn (-st); its answer sits between the echoed prompt and the

@@ -107,8 +107,9 @@ def pruned(tiny_hf, tmp_path_factory):
 
 
 def test_pruned_folder_has_the_2_4_pattern_and_loads(pruned):
-    from tiny_models import hf_state
     from transformers import AutoModelForCausalLM
+
+    from tiny_models import hf_state
 
     src, out, res = pruned
     dense, sparse = hf_state(src), hf_state(out)
@@ -131,10 +132,11 @@ def test_pruned_folder_has_the_2_4_pattern_and_loads(pruned):
 
 def test_pruning_is_sequential(pruned, tmp_path):
     """Layer 1 was pruned on the inputs the *pruned* layer 0 produces: recompute them with the pruned model."""
-    from tiny_models import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     from eora_gguf.calib_data import build_calibration
+
+    from tiny_models import load_tokenizer
 
     src, out, _ = pruned
     ids = build_calibration(_calib_text(tmp_path), load_tokenizer(src), samples=4, seqlen=32)
@@ -174,9 +176,9 @@ def test_prune_refuses_bad_input(tiny_hf, tmp_path):
 
 
 def test_prune_cli_sparsegpt_unstructured(tiny_hf, tmp_path, capsys):
-    from tiny_models import hf_state
-
     from eora_gguf.cli import main
+
+    from tiny_models import hf_state
 
     src = tiny_hf("llama")
     capsys.readouterr()  # building the tiny model (first use) writes progress bars

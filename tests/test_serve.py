@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import words
 
 from eora_gguf import compensate, llama_eval, llamacpp, serve
 from eora_gguf.errors import EoraError
-from test_cli import words
 
 N_PREDICT = 6
 # One configuration's answers are compared exactly (TOL only allows float reordering): with nothing reused, against a

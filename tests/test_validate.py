@@ -40,7 +40,6 @@ def test_adapter_lowers_every_tensors_output_error(setup):
 def test_kernel_error_matches_gguf_py_oracle(setup):
     """The quantized-only error from the native kernel equals the one from gguf-py's dequantization (fp64)."""
     import gguf
-    import torch
 
     from eora_gguf import kernels
     from eora_gguf.gguf_io import open_gguf

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.cuda:
-        given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        words = sys.argv[1:] if argv is None else argv
+        given = {a[2:].split("=")[0].replace("-", "_") for a in words if a.startswith("--")}
         return cuda_main(args, given)
     if args.quick:
         args.shapes, args.ranks, args.batches, args.iters = ["4096x4096"], [0, 64], [1], 200
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         log.info("%s %s r%d n%d t%d: eora %.3f ms, ggml %.3f ms (%s), lora %s, ratio %s", qtype, shape_name, rank, n,
                  threads, 1e3 * (e or float("nan")), 1e3 * (g or float("nan")), row["ggml"].get("weight_buffer"),
-                 f"{1e3 * row['ggml_lora']['median_s']:.3f} ms" if rank and "median_s" in row.get("ggml_lora", {}) else "-",
+                 f"{1e3 * row['ggml_lora']['median_s']:.3f} ms"
+                 if rank and "median_s" in row.get("ggml_lora", {}) else "-",
                  f"{row['ratio_to_bound']:.2f}" if "ratio_to_bound" in row else "-")
     meta = {"cpu_path": _native.cpu_path(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
             "llama_cpp": str(llama.bin_dir)}
@@ -192,8 +194,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         return f"{1e3 * d[key]:.3f}" if d and key in d else "-"
 
     lines = [f"CPU path `{meta['cpu_path']}`, {meta['cpus']} cores, load average {meta['load_avg'][0]:.1f} at the end.",
-             "", "| type | shape | rank | batch | threads | eora ms (min) | ggml ms (min) [buffer] | ggml 4-op LoRA ms (min) "
-             "| torch ms | eora GB/s | eora / bound | eora / LoRA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| type | shape | rank | batch | threads | eora ms (min) | ggml ms (min) [buffer] "
+             "| ggml 4-op LoRA ms (min) | torch ms | eora GB/s | eora / bound | eora / LoRA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['type']} | {r['shape']} | {r['rank']} | {r['batch']} | {r['threads']} | "
                      f"{ms(r['eora'])} ({ms(r['eora'], 'min_s')}) | {ms(r['ggml'])} ({ms(r['ggml'], 'min_s')}) "
@@ -247,7 +250,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t = graph_time(lambda: dst.copy_(src), 2, 5)
-    del src, dst
     return 2 * (1 << 30) / t["min_s"] / 1e9
 
 

@@ -110,7 +110,8 @@ def text_file(out: Path) -> Path:
 def run_rounds(exe: Path, model: Path, lora: Path, text: Path, args: argparse.Namespace,
                env: dict[str, str] | None) -> tuple[list[dict], dict[str, int]]:
     cmd = [str(exe), str(model), str(lora), str(args.threads), str(args.rounds), str(args.pp), str(args.tg), str(text)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EORA_LLAMA_STATS": "1", **(env or {})},
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "EORA_LLAMA_STATS": "1", **(env or {})},
                          stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise EoraError(f"lora_speed failed: {llamacpp._last_error_line(res.stderr)}")
@@ -226,7 +227,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
-        lines.append(f"| {r['model']} | {r['rank']} | {r['build']} | {r['pp_tps']:.1f} ({1000 / r['pp_base_ms']:.1f}) | "
+        lines.append(f"| {r['model']} | {r['rank']} | {r['build']} | "
+                     f"{r['pp_tps']:.1f} ({1000 / r['pp_base_ms']:.1f}) | "
                      f"{r['pp_overhead']:+.1%} | {r['tg_tps']:.1f} ({1000 / r['tg_base_ms']:.1f}) | "
                      f"{r['tg_overhead']:+.1%} | {r['tg_overhead_ms']:+.2f} | {r['tg_time_share']:.1%} | "
                      f"{r['byte_share']:.1%} | {paths} |")

@@ -33,9 +33,9 @@ from eora_gguf import adapter as adapter_io  # noqa: E402
 from eora_gguf import assets, budgeted, hf_model, importance, llamacpp  # noqa: E402
 from eora_gguf import budget as B  # noqa: E402
 from eora_gguf import compensate as comp  # noqa: E402
-from eora_gguf.stats import CalibrationStats  # noqa: E402
 from eora_gguf.gguf_io import open_gguf  # noqa: E402
 from eora_gguf.naming import NameMap  # noqa: E402
+from eora_gguf.stats import CalibrationStats  # noqa: E402
 
 log = logging.getLogger("budget_check")
 _KLD = re.compile(r"Mean\s+KLD:\s+([0-9.eE+-]+)\s+±\s+([0-9.eE+-]+)")

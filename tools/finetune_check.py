@@ -58,7 +58,8 @@ def main() -> int:
                     "limit": args.limit, "torch_threads": torch.get_num_threads(), "runs": {}}
     adapters = {"EoRA init (no training)": init}
     for name, how in (("lora", "lora"), ("eora", str(init))):
-        path, log = out / f"ft-{name}-r{args.rank}-s{args.steps}.gguf", out / f"ft-{name}-r{args.rank}-s{args.steps}.json"
+        stem = f"ft-{name}-r{args.rank}-s{args.steps}"
+        path, log = out / f"{stem}.gguf", out / f"{stem}.json"
         if not path.is_file() or not log.is_file():
             finetune.finetune(hf, base, path, init=how, data=args.data, rank=args.rank, steps=args.steps, lr=args.lr,
                               batch_size=args.batch_size, seqlen=args.seqlen, heldout=args.heldout,

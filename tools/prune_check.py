@@ -5,14 +5,15 @@ For each pruning method (`--methods`, default wanda): `eora-gguf run --prune 2:4
 quantized to Q4_K_M (with the importance matrix of the dense model's calibration statistics, as `run` does),
 rank-64 EoRA and plain-SVD adapters solved against the *dense* HF model, every configuration measured by
 llama-perplexity: mean KL divergence to the dense F16 model, top-1 agreement and perplexity on LAMBADA
-(`--chunks` x 512 tokens; calibration and pruning on `--samples` x 512 tokens). With --dense, the same `run` without
---prune gives the dense Q4_K_M rows for context. All steps reuse the files in --workdir (one conversion, one calibration,
-one pruning per method).
+(`--chunks` x 512 tokens; calibration and pruning on `--samples` x 512 tokens). With --dense, the same `run`
+without --prune gives the dense Q4_K_M rows for context. All steps reuse the files in --workdir (one conversion,
+one calibration, one pruning per method).
 
 The pruned HF folders are checked for the N:M pattern on every decoder-layer linear (`prune.nm_violations`), and
 their `pruning.json` is copied into the output.
 
-    nice -n 15 python tools/prune_check.py [--workdir eora-out] [--methods wanda,sparsegpt] [--chunks 16] [--samples 16] [--dense]
+    nice -n 15 python tools/prune_check.py [--workdir eora-out] [--methods wanda,sparsegpt] [--chunks 16] \
+        [--samples 16] [--dense]
 
 Writes docs/prune_check.json (rows as `run` writes them, with the commands that made them).
 """

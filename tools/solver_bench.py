@@ -10,8 +10,9 @@ rank-64 factor L with decaying columns, a full-rank covariance with a steep top 
 (no gap anywhere). The exact solver runs once per problem at the largest rank: its rank-r solution is the first r
 components of that one solve (eora.py), so every rank's exact objective comes from one eigendecomposition; its time
 is the time of any rank. The fast solver runs once per rank. Times are the process's CPU seconds (one thread), which
-a machine shared with other jobs inflates far less than wall time (the wall time is kept beside them). Objectives are exact for both, tr(G) - Σ gains with
-gain_i = a_i C a_iᵀ (eora.component_gains), against the true C. One thread (as the exact solver runs its eigh).
+a machine shared with other jobs inflates far less than wall time (the wall time is kept beside them). Objectives
+are exact for both, tr(G) - Σ gains with gain_i = a_i C a_iᵀ (eora.component_gains), against the true C. One
+thread (as the exact solver runs its eigh).
 """
 from __future__ import annotations
 
