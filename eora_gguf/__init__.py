@@ -11,7 +11,8 @@ The package reads top-down as the data flows (README "Data flow" has the full mo
   compensation   compensate (end to end), budget + budgeted (byte budgets), importance, refine
   scale          devices, distributed (torchrun), checkpoint (resume)
   other passes   prune, finetune, reconstruct, validate
-  llama.cpp      llamacpp (build/patch + run its tools), llama_eval (our libllama client), serve
+  llama.cpp      llamacpp (locate/build/patch), llama_tools (run convert/quantize/perplexity), llama_eval (our
+                 libllama client), serve (llama-server)
   evaluation     evaluate, tasks, report, ladder, info
   workflows      pipeline (run / sweep), make, cli (the verbs), __main__
   native         _native (cffi binding), kernels (typed wrappers of the fused kernels)

@@ -158,25 +158,25 @@ def cmd_fetch_demo(args: argparse.Namespace) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> dict:
-    from . import llamacpp
+    from . import llama_tools, llamacpp
     from .errors import check_output
     from .hf_model import check_model_folder
 
     check_output(args.output, inputs=[args.hf_dir])
     check_model_folder(args.hf_dir)
     llama = llamacpp.locate(progress=not args.json)
-    out = llamacpp.convert(llama, args.hf_dir, args.output, outtype=args.outtype, verbose=args.verbose)
+    out = llama_tools.convert(llama, args.hf_dir, args.output, outtype=args.outtype, verbose=args.verbose)
     return {"output": str(out), "bytes": out.stat().st_size}
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict:
-    from . import llamacpp
+    from . import llama_tools, llamacpp
     from .errors import check_output
 
     check_output(args.output, inputs=[args.input, args.imatrix])
-    llamacpp.require_gguf(args.input)
+    llama_tools.require_gguf(args.input)
     llama = llamacpp.locate(progress=not args.json)
-    out = llamacpp.quantize(llama, args.input, args.output, args.type, imatrix=args.imatrix,
+    out = llama_tools.quantize(llama, args.input, args.output, args.type, imatrix=args.imatrix,
                             threads=args.threads, verbose=args.verbose)
     return {"output": str(out), "type": args.type.upper(), "bytes": out.stat().st_size}
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import llama_eval, llamacpp, tasks
+from . import llama_eval, llama_tools, llamacpp, tasks
 from .errors import EoraError
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,9 @@ def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[
 
     kld_cache: folder for the reference's log-probabilities (default: the eora-gguf cache).
     """
-    llamacpp.require_gguf(model)
+    llama_tools.require_gguf(model)
     for a in lora:
-        llamacpp.require_gguf(a)
+        llama_tools.require_gguf(a)
     if ppl_text is None and not task_names:
         raise EoraError("nothing to evaluate: give --ppl and/or --tasks")
     if limit is not None and limit < 1:
@@ -39,7 +39,7 @@ def evaluate(model: str | os.PathLike[str], *, lora: Sequence[str | os.PathLike[
     if reference is not None and ppl_text is None:
         raise EoraError("KL divergence needs a text (--ppl) to compare the models on")
     if reference is not None:
-        llamacpp.require_gguf(reference)
+        llama_tools.require_gguf(reference)
     llama = llama or llamacpp.locate()
     result: dict = {"model": str(model), "lora": [str(a) for a in lora], "tasks": {}}
     if ppl_text is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import budgeted, calib_data, compensate, imatrix, llama_eval, llamacpp, refine
+from . import budgeted, calib_data, compensate, imatrix, llama_eval, llama_tools, llamacpp, refine
 from .budget import Budget
 from .errors import EoraError, atomic_output
 from .hf_model import load_config
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ3_XXS", "IQ3_S",
                  "IQ4_XS", "Q4_0")
 # llama-quantize refuses these without an importance matrix: they have only an imatrix row.
-IMATRIX_ONLY = frozenset(llamacpp.NEEDS_IMATRIX) | {"IQ3_XXS", "IQ2_M"}
+IMATRIX_ONLY = frozenset(llama_tools.NEEDS_IMATRIX) | {"IQ3_XXS", "IQ2_M"}
 
 
 @dataclass
@@ -287,11 +287,11 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
 
     types = [t.upper() for t in types]
     for t in types:
-        if t not in llamacpp.QUANT_TYPES or t in ("F16", "BF16", "F32", "COPY"):
+        if t not in llama_tools.QUANT_TYPES or t in ("F16", "BF16", "F32", "COPY"):
             raise EoraError(f"unknown or unquantized ladder type {t!r}: choose from {', '.join(DEFAULT_TYPES)} …")
     embedding_types = [e.lower() for e in embedding_types]
     for e in embedding_types:
-        if e.upper() not in llamacpp.QUANT_TYPES:
+        if e.upper() not in llama_tools.QUANT_TYPES:
             raise EoraError(f"unknown token-embedding type {e!r}: e.g. q5_0, q4_0, q8_0")
     if samples < 1 or seqlen < 8:
         raise EoraError("--samples must be >= 1 and --seqlen >= 8")
@@ -315,7 +315,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
     with step("convert"):
         if not f16.is_file():
             log.info("converting %s -> %s", hf_dir.name, f16.name)
-            llamacpp.convert(llama, hf_dir, f16, outtype="f16", verbose=verbose)
+            llama_tools.convert(llama, hf_dir, f16, outtype="f16", verbose=verbose)
     stats_file = out_dir / "calibration.safetensors"
     with step("calibrate"):
         if not stats_file.is_file():
@@ -343,7 +343,7 @@ def run_ladder(hf_dir: Path, out_dir: Path, *, calib: str, samples: int, seqlen:
                 q = out_dir / f"model-{t}{'-imatrix' if im else ''}{f'-embd-{emb}' if emb else ''}.gguf"
                 if not q.is_file():
                     log.info("quantizing -> %s", q.name)
-                    llamacpp.quantize(llama, f16, q, t, imatrix=imatrix_file if im else None, threads=threads,
+                    llama_tools.quantize(llama, f16, q, t, imatrix=imatrix_file if im else None, threads=threads,
                                       extra_args=["--token-embedding-type", emb] if emb else (), verbose=verbose)
                 quants[(t, im, emb)] = q
 

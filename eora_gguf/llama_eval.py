@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llamacpp
+from . import llama_tools, llamacpp
 from .cache import cache_dir, locked
 from .errors import EoraError, atomic_output
 
@@ -140,9 +140,9 @@ def _write_records(path: Path, records: Sequence[Sequence[str]]) -> None:
 
 def _run(llama: llamacpp.LlamaCpp, mode: str, model: str | os.PathLike[str], lora: Sequence[str | os.PathLike[str]],
          records: Sequence[Sequence[str]], options: Sequence[str], verbose: bool) -> list[str]:
-    llamacpp.require_gguf(model)
+    llama_tools.require_gguf(model)
     for a in lora:
-        llamacpp.require_gguf(a)
+        llama_tools.require_gguf(a)
     exe = client(llama)
     with tempfile.TemporaryDirectory(prefix="eora-eval-") as tmp:
         req, res = Path(tmp) / "requests", Path(tmp) / "results"
@@ -150,7 +150,7 @@ def _run(llama: llamacpp.LlamaCpp, mode: str, model: str | os.PathLike[str], lor
         cmd: list[str | os.PathLike[str]] = [exe, mode, "-m", model, "-i", req, "-o", res, *options]
         for a in lora:
             cmd += ["--lora", a]
-        llamacpp.run_tool(cmd, f"eora-eval {mode} on {Path(model).name}", verbose=verbose)
+        llama_tools.run_tool(cmd, f"eora-eval {mode} on {Path(model).name}", verbose=verbose)
         return res.read_text().splitlines()
 
 
@@ -205,9 +205,9 @@ def text_eval(llama: llamacpp.LlamaCpp, model: str | os.PathLike[str], *, text: 
         raise EoraError(f"--ctx must be >= 8, got {ctx}")
     if chunks is not None and chunks < 1:
         raise EoraError(f"--chunks must be >= 1, got {chunks}")
-    llamacpp.require_gguf(model)
+    llama_tools.require_gguf(model)
     for a in lora:
-        llamacpp.require_gguf(a)
+        llama_tools.require_gguf(a)
     opts: list[str | os.PathLike[str]] = ["-t", str(threads or os.cpu_count() or 1), "-b", str(batch)]
     if text is not None:
         if not Path(text).is_file():
@@ -226,10 +226,10 @@ def text_eval(llama: llamacpp.LlamaCpp, model: str | os.PathLike[str], *, text: 
         for a in lora:
             cmd += ["--lora", a]
         if save_base is None:
-            llamacpp.run_tool(cmd, f"eora-eval text on {Path(model).name}", env=env, verbose=verbose)
+            llama_tools.run_tool(cmd, f"eora-eval text on {Path(model).name}", env=env, verbose=verbose)
         else:
             with atomic_output(save_base, suffix=".kld") as part:
-                llamacpp.run_tool([*cmd, "--save-base", part], f"eora-eval text on {Path(model).name}", env=env,
+                llama_tools.run_tool([*cmd, "--save-base", part], f"eora-eval text on {Path(model).name}", env=env,
                                   verbose=verbose)
         return read_text_results(res)
 
@@ -243,7 +243,7 @@ def kld_base(llama: llamacpp.LlamaCpp, model: str | os.PathLike[str], text: str 
     cache: the folder for the file (default: <eora-gguf cache>/kld). Files are keyed by the model file's path,
     size and mtime, the text's content, ctx and chunks.
     """
-    llamacpp.require_gguf(model)
+    llama_tools.require_gguf(model)
     if not Path(text).is_file():
         raise EoraError(f"text file {text} does not exist")
     st = Path(model).stat()

@@ -11,7 +11,7 @@ llama.cpp commands to run it.
 
 Each step records a key of its inputs (file identities and settings) in `work/steps.json`; running again with the
 same inputs reuses every finished step, and a changed input redoes the steps that depend on it. The building
-blocks are the package's own: `llamacpp.convert/quantize`, `compensate.calibrate/compensate`,
+blocks are the package's own: `llama_tools.convert/quantize`, `compensate.calibrate/compensate`,
 `imatrix.write_imatrix`, `llama_eval.kld_base/text_eval`, `serve.card_commands`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, llamacpp
+from . import __version__, llama_tools, llamacpp
 from .errors import EoraError, atomic_output, check_output
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
     if not calibs:
         raise EoraError("give at least one --calib [NAME=]SPEC")
     quant = quant.upper()
-    if quant not in llamacpp.QUANT_TYPES:
-        raise EoraError(f"unknown --quant {quant!r}: choose one of {', '.join(llamacpp.QUANT_TYPES)}")
+    if quant not in llama_tools.QUANT_TYPES:
+        raise EoraError(f"unknown --quant {quant!r}: choose one of {', '.join(llama_tools.QUANT_TYPES)}")
     if (rank is None) == (budget is None):
         raise EoraError("give --rank R (every tensor) or --budget SPEC (ranks chosen per tensor), not both")
     names = NameMap.from_config(load_config(hf_dir))
@@ -143,7 +143,7 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
 
     f16 = work / "model-F16.gguf"
     hf_key = _key(model_identity(hf_dir))
-    steps.run(f16, hf_key, lambda: llamacpp.convert(llama, hf_dir, f16, outtype="f16", verbose=verbose))
+    steps.run(f16, hf_key, lambda: llama_tools.convert(llama, hf_dir, f16, outtype="f16", verbose=verbose))
 
     stats: dict[str, Path] = {}
     for c in calibs:
@@ -164,7 +164,7 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
 
     base = out_dir / f"{stem}-{quant}.gguf"
     steps.run(base, _key(file_key(f16), quant, file_key(imatrix_file) if imatrix_file else None),
-              lambda: llamacpp.quantize(llama, f16, base, quant, imatrix=imatrix_file, threads=threads,
+              lambda: llama_tools.quantize(llama, f16, base, quant, imatrix=imatrix_file, threads=threads,
                                         verbose=verbose))
 
     adapters: dict[str, Path] = {}

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets, compensate, imatrix, llamacpp
+from . import assets, compensate, imatrix, llama_tools, llamacpp
 from .budgeted import n_params
 from .eora import METHODS
 from .errors import EoraError, atomic_output
@@ -74,9 +74,9 @@ def run_all(args: RunOptions) -> dict:
     text = assets.text_file(args.text)
     quants = [q.upper() for q in _csv(args.quant, "quant")]
     for q in quants:
-        if q not in llamacpp.QUANT_TYPES:
+        if q not in llama_tools.QUANT_TYPES:
             raise EoraError(f"unknown quantization type {q!r} in --quant: "
-                            f"choose from {', '.join(llamacpp.QUANT_TYPES)}")
+                            f"choose from {', '.join(llama_tools.QUANT_TYPES)}")
     try:
         ranks = sorted({int(r) for r in _csv(args.rank, "rank")})
     except ValueError:
@@ -101,7 +101,7 @@ def run_all(args: RunOptions) -> dict:
     base = work / "model-F16.gguf"
     if fresh(base):
         log.info("converting %s -> %s", hf_dir, base)
-        llamacpp.convert(llama, hf_dir, base, outtype="f16", verbose=args.verbose)
+        llama_tools.convert(llama, hf_dir, base, outtype="f16", verbose=args.verbose)
     n_weights = n_params(base)
     pruned_base, tag = _pruned_base(args, llama, hf_dir, work, fresh)
 
@@ -125,7 +125,7 @@ def run_all(args: RunOptions) -> dict:
         quant_files[q] = work / f"model-{q}{tag}{'-imatrix' if use_imatrix else ''}.gguf"
         if fresh(quant_files[q]):
             log.info("quantizing -> %s", quant_files[q])
-            llamacpp.quantize(llama, pruned_base or base, quant_files[q], q, imatrix=imatrix_file,
+            llama_tools.quantize(llama, pruned_base or base, quant_files[q], q, imatrix=imatrix_file,
                               threads=args.threads, verbose=args.verbose)
 
     def measure(model: Path, lora: list[Path]) -> dict:
@@ -183,7 +183,7 @@ def _pruned_base(args: RunOptions, llama: llamacpp.LlamaCpp, hf_dir: Path, work:
                     samples=args.samples, seqlen=args.seqlen)
     gguf_path = work / f"model{tag}-F16.gguf"
     if fresh(gguf_path):
-        llamacpp.convert(llama, folder, gguf_path, outtype="f16", verbose=args.verbose)
+        llama_tools.convert(llama, folder, gguf_path, outtype="f16", verbose=args.verbose)
     return gguf_path, tag
 
 

@@ -203,7 +203,7 @@ def check_logits(llama: Any, hf_dir: str | os.PathLike[str], gguf_path: str | os
     "adapter_effect": compare(llama, llama+A) — how far the adapter moves llama.cpp's output, the scale the
     agreement error must be far below — and "adapter_vs_torch_base": compare(llama+A, torch base)}.
     """
-    from .llamacpp import token_logprobs
+    from .llama_tools import token_logprobs
 
     work = Path(workdir)
     result: dict[str, Any] = {"gguf": str(gguf_path), "adapter_file": str(adapter) if adapter else None,

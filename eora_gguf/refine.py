@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 
 from . import adapter as adapter_io
-from . import llamacpp
+from . import llama_tools, llamacpp
 from .errors import EoraError, atomic_output
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,12 @@ def refine(llama: llamacpp.LlamaCpp, f16: Path, qtype: str, imatrix: Path | None
             if not base.is_file():
                 try:
                     write_shifted(f16, shifted, adapter_shifts(history[-1]["adapters"]))
-                    llamacpp.quantize(llama, shifted, base, qtype, imatrix=imatrix, threads=threads,
+                    llama_tools.quantize(llama, shifted, base, qtype, imatrix=imatrix, threads=threads,
                                       extra_args=extra_args, verbose=verbose)
                 finally:
                     shifted.unlink(missing_ok=True)
         elif not base.is_file():
-            llamacpp.quantize(llama, f16, base, qtype, imatrix=imatrix, threads=threads, extra_args=extra_args,
+            llama_tools.quantize(llama, f16, base, qtype, imatrix=imatrix, threads=threads, extra_args=extra_args,
                               verbose=verbose)
         t_quant = time.perf_counter() - t0
         adapters = make_adapter(base, out_dir / f"adapter-{stem}-it{k}")

@@ -38,7 +38,7 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_hf, llama, tmp_path_factory):
     """tiny_gguf(arch, outtype="f16") -> the tiny model converted by the pinned convert_hf_to_gguf.py."""
-    from eora_gguf import llamacpp
+    from eora_gguf import llama_tools
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -46,7 +46,7 @@ def tiny_gguf(tiny_hf, llama, tmp_path_factory):
         key = (arch, outtype)
         if key not in made:
             out = tmp_path_factory.mktemp(f"gguf-{arch}") / f"{arch}-{outtype}.gguf"
-            made[key] = llamacpp.convert(llama, tiny_hf(arch), out, outtype=outtype)
+            made[key] = llama_tools.convert(llama, tiny_hf(arch), out, outtype=outtype)
         return made[key]
 
     return get

@@ -171,9 +171,9 @@ def test_eval_output_checked_before_the_evaluation(m, tmp_path, capsys, monkeypa
 
 
 def test_run_samples_zero_refused_before_convert(m, tmp_path, capsys, monkeypatch):
-    from eora_gguf import llamacpp
+    from eora_gguf import llama_tools
 
-    monkeypatch.setattr(llamacpp, "convert", lambda *a, **k: pytest.fail("converted before checking --samples"))
+    monkeypatch.setattr(llama_tools, "convert", lambda *a, **k: pytest.fail("converted before checking --samples"))
     refused(capsys, ["run", m["hf"], "--samples", "0", "--workdir", tmp_path / "w"], "--samples must lie in")
 
 

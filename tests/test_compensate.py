@@ -20,7 +20,7 @@ import torch
 
 from eora_gguf import budget as B
 from eora_gguf import compensate as comp
-from eora_gguf import llamacpp, reconstruct
+from eora_gguf import llama_tools, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora
 from eora_gguf.budgeted import measure_importance
 from eora_gguf.cli import main
@@ -57,7 +57,7 @@ def solved(tiny_hf, tiny_gguf, llama, texts, tmp_path_factory):
         if arch not in made:
             d = tmp_path_factory.mktemp(f"solved-{arch}")
             hf, f16 = tiny_hf(arch), tiny_gguf(arch, "f16")
-            q = llamacpp.quantize(llama, f16, d / "q2k.gguf", "Q2_K",
+            q = llama_tools.quantize(llama, f16, d / "q2k.gguf", "Q2_K",
                                   extra_args=["--token-embedding-type", "f16", "--output-tensor-type", "f16"])
             # the tiny qwen2 needs its own tokenizer (see tiny_models.load_tokenizer): calibrate, then reuse stats
             stats = comp.calibrate(hf, str(texts["calib"]), samples=SAMPLES, seqlen=SEQLEN,
@@ -96,9 +96,9 @@ def test_adapter_brings_llama_cpp_back_toward_f16(solved, llama, texts, tmp_path
     """
     s = solved(arch)
     text = texts["heldout"]
-    _, ref = llamacpp.token_logprobs(llama, s["f16"], text, tmp_path / "f16.bin", threads=2)
-    _, base = llamacpp.token_logprobs(llama, s["q"], text, tmp_path / "q.bin", threads=2)
-    got = {m: llamacpp.token_logprobs(llama, s["q"], text, tmp_path / f"{m}.bin", lora=[s[m]], threads=2)[1]
+    _, ref = llama_tools.token_logprobs(llama, s["f16"], text, tmp_path / "f16.bin", threads=2)
+    _, base = llama_tools.token_logprobs(llama, s["q"], text, tmp_path / "q.bin", threads=2)
+    got = {m: llama_tools.token_logprobs(llama, s["q"], text, tmp_path / f"{m}.bin", lora=[s[m]], threads=2)[1]
            for m in ("eora", "svd")}
     err = {"base": centered_nmse(ref, base), **{m: centered_nmse(ref, lp) for m, lp in got.items()}}
     div = {"base": kl(ref, base), **{m: kl(ref, lp) for m, lp in got.items()}}
@@ -203,9 +203,9 @@ def test_budget_adapter_types_apply_in_llama_cpp(budgeted, llama, texts, tmp_pat
     print(dtype, info.types, reconstruct.summarize(res))
     assert res["adapter"]["nmse_centered"] < 2e-3 and res["adapter"]["top1"] >= 0.9
     assert res["adapter"]["nmse_centered"] < 0.02 * res["adapter_effect"]["nmse_centered"]
-    _, ref = llamacpp.token_logprobs(llama, s["f16"], texts["heldout"], tmp_path / "f16.bin", threads=2)
-    _, base = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "q.bin", threads=2)
-    _, fixed = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "a.bin", lora=[rep.adapter],
+    _, ref = llama_tools.token_logprobs(llama, s["f16"], texts["heldout"], tmp_path / "f16.bin", threads=2)
+    _, base = llama_tools.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "q.bin", threads=2)
+    _, fixed = llama_tools.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "a.bin", lora=[rep.adapter],
                                        threads=2)
     assert kl(ref, fixed) < kl(ref, base)
 
@@ -305,8 +305,8 @@ def test_propagate_compensated_writes_a_loadable_adapter(solved, llama, texts, t
             np.testing.assert_allclose(ps, po, atol=1e-6 * np.abs(po).max(), err_msg=name)
         else:
             assert np.abs(ps - po).max() > 1e-4 * np.abs(po).max(), name
-    _, base = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "b.bin", threads=2)
-    _, lp = llamacpp.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "s.bin", lora=[seq.adapter],
+    _, base = llama_tools.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "b.bin", threads=2)
+    _, lp = llama_tools.token_logprobs(llama, s["q"], texts["heldout"], tmp_path / "s.bin", lora=[seq.adapter],
                                     threads=2)
     assert lp.shape == base.shape and np.isfinite(lp).all() and np.abs(lp - base).max() > 1e-4
 

@@ -19,10 +19,10 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from test_kernels import make_adapter, make_weight, nmse, random_blocks
 
 from eora_gguf import _native, kernels
 from eora_gguf.errors import EoraError
-from test_kernels import make_adapter, make_weight, nmse, random_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eora_gguf import compensate as comp
-from eora_gguf import embedding, llamacpp, reconstruct
+from eora_gguf import embedding, llama_tools, reconstruct
 from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora, write_peft
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
@@ -206,8 +206,8 @@ def tiny(tmp_path_factory, llama):
         if tied not in made:
             d = tmp_path_factory.mktemp("tied" if tied else "untied")
             hf = build_tiny_model("llama", d / "hf", tied=tied)
-            f16 = llamacpp.convert(llama, hf, d / "f16.gguf", outtype="f16")
-            q = llamacpp.quantize(llama, f16, d / "q2k.gguf", "Q2_K")
+            f16 = llama_tools.convert(llama, hf, d / "f16.gguf", outtype="f16")
+            q = llama_tools.quantize(llama, f16, d / "q2k.gguf", "Q2_K")
             made[tied] = {"hf": hf, "f16": f16, "q": q, "dir": d}
         return made[tied]
 
@@ -263,10 +263,11 @@ def test_untied_embedding_adapter_brings_llama_cpp_closer_to_f16(tiny, llama, te
         adapters[emb] = tmp_path / f"e{int(emb)}.gguf"
         comp.compensate(t["hf"], t["q"], adapters[emb], rank=8, calib=str(text["calib"]), samples=8, seqlen=128,
                         tokenizer=load_tokenizer(t["hf"]), adapter_type="f32", embeddings=emb)
-    _, ref = llamacpp.token_logprobs(llama, t["f16"], text["heldout"], tmp_path / "f16.bin", threads=2)
-    div = {"base": kl(ref, llamacpp.token_logprobs(llama, t["q"], text["heldout"], tmp_path / "q.bin", threads=2)[1])}
+    _, ref = llama_tools.token_logprobs(llama, t["f16"], text["heldout"], tmp_path / "f16.bin", threads=2)
+    base_lp = llama_tools.token_logprobs(llama, t["q"], text["heldout"], tmp_path / "q.bin", threads=2)[1]
+    div = {"base": kl(ref, base_lp)}
     for emb, a in adapters.items():
-        lp = llamacpp.token_logprobs(llama, t["q"], text["heldout"], tmp_path / f"{emb}.bin", lora=[a], threads=2)[1]
+        lp = llama_tools.token_logprobs(llama, t["q"], text["heldout"], tmp_path / f"{emb}.bin", lora=[a], threads=2)[1]
         div["blk+emb" if emb else "blk"] = kl(ref, lp)
     print("KL to F16", div)
     assert div["blk+emb"] < 0.85 * div["blk"] and div["blk"] < div["base"]
@@ -288,7 +289,7 @@ def test_tied_model_gets_no_token_embd_pair_and_llama_cpp_would_abort_on_one(tin
     forced = write_gguf_lora(tmp_path / "forced.gguf", {"token_embd.weight": (
         rng.standard_normal((d[0], 8)) * 0.01, rng.standard_normal((8, d[1])) * 0.01)}, arch="llama")
     with pytest.raises(EoraError, match=r"ggml_can_mul_mat"):  # the head's mul_mat(lora_a, x): r != n_embd
-        llamacpp.token_logprobs(llama, t["q"], text["heldout"], tmp_path / "forced.bin", lora=[forced], threads=2)
+        llama_tools.token_logprobs(llama, t["q"], text["heldout"], tmp_path / "forced.bin", lora=[forced], threads=2)
     with pytest.raises(EoraError, match="tied to the output head"):  # our checker says so before llama.cpp does
         check_gguf_lora(forced, t["q"])
 

@@ -138,9 +138,9 @@ def test_scores_do_not_depend_on_batching(tiny_gguf, llama):
 @pytest.mark.llama_cpp
 def test_adapter_changes_scores(tiny_hf, tiny_gguf, llama, tmp_path):
     """--lora reaches the scoring client: an adapter that is not zero moves the scores."""
-    from eora_gguf import compensate, llama_eval, llamacpp
+    from eora_gguf import compensate, llama_eval, llama_tools
 
-    q = llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / "q.gguf", "Q2_K")
+    q = llama_tools.quantize(llama, tiny_gguf("llama"), tmp_path / "q.gguf", "Q2_K")
     words = " ".join(c + "".join(conts) for c, conts, _ in MC) * 40
     (tmp_path / "calib.txt").write_text(words)
     compensate.compensate(tiny_hf("llama"), q, tmp_path / "a.gguf", rank=8, calib=str(tmp_path / "calib.txt"),

@@ -97,13 +97,13 @@ def test_adapter_is_not_a_model(tmp_path):
 @pytest.mark.llama_cpp
 def test_k_quants_from_llama_quantize(tiny_hf, tiny_gguf, llama, tmp_path):
     """A real llama-quantize Q4_K_M file: every adapted weight dequantizes close to the HF weight, in GGUF order."""
-    from eora_gguf import llamacpp
+    from eora_gguf import llama_tools
     from eora_gguf.naming import NameMap
 
     from tiny_models import hf_state
 
     hf_dir, f32 = tiny_hf("llama"), tiny_gguf("llama", "f32")
-    out = llamacpp.quantize(llama, f32, tmp_path / "q4km.gguf", "Q4_K_M", threads=os.cpu_count())
+    out = llama_tools.quantize(llama, f32, tmp_path / "q4km.gguf", "Q4_K_M", threads=os.cpu_count())
     config = json.loads((hf_dir / "config.json").read_text())
     state = hf_state(hf_dir)
     names = NameMap.from_config(config)

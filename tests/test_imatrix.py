@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from eora_gguf import calibration, llamacpp
+from eora_gguf import calibration, llama_tools
 from eora_gguf import imatrix as im
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
@@ -180,7 +180,7 @@ CTX, CHUNKS = 128, 4
 
 
 def run(llama, *args) -> str:
-    res = llamacpp.run_tool([llama.tool(args[0]), *args[1:]], args[0])
+    res = llama_tools.run_tool([llama.tool(args[0]), *args[1:]], args[0])
     return res.stdout + res.stderr
 
 
@@ -279,5 +279,5 @@ def test_llama_quantize_refuses_what_our_reader_refuses(llama, tmp_path, tiny_gg
     with pytest.raises(EoraError):
         im.read_imatrix(bad)
     with pytest.raises(EoraError, match="llama-quantize"):
-        llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / "q.gguf", "Q2_K", imatrix=bad)
+        llama_tools.quantize(llama, tiny_gguf("llama"), tmp_path / "q.gguf", "Q2_K", imatrix=bad)
     assert not (tmp_path / "q.gguf").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eora_gguf import llama_eval, llamacpp
+from eora_gguf import llama_eval, llama_tools
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError
 
@@ -28,13 +28,13 @@ def text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(tiny_gguf, llama, tmp_path_factory):
     f16 = tiny_gguf("llama")
-    q = llamacpp.quantize(llama, f16, tmp_path_factory.mktemp("q") / "q2k.gguf", "Q2_K")
+    q = llama_tools.quantize(llama, f16, tmp_path_factory.mktemp("q") / "q2k.gguf", "Q2_K")
     return {"f16": f16, "q": q}
 
 
 def _stock_base(llama, model: Path, text: Path, out: Path) -> Path:
     """llama-perplexity's own --kl-divergence-base file: the oracle (read from the file, not from its log)."""
-    llamacpp.run_tool([llama.tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(CTX), "--chunks",
+    llama_tools.run_tool([llama.tool("llama-perplexity"), "-m", model, "-f", text, "-c", str(CTX), "--chunks",
                        str(CHUNKS), "-t", "2", "--no-warmup", "--kl-divergence-base", out], "llama-perplexity")
     return out
 
@@ -48,7 +48,7 @@ def test_saved_base_is_byte_identical_to_llama_perplexity(models, llama, text, t
         assert ours.read_bytes() == stock.read_bytes(), name
         assert res.chunks == CHUNKS and res.ctx == CTX and res.tokens == CHUNKS * (CTX - 1 - CTX // 2)
         # perplexity from the stored log-probabilities (quantized to 16 bits) agrees with the exact one
-        tokens, lp = llamacpp.read_logprobs_file(stock)
+        tokens, lp = llama_tools.read_logprobs_file(stock)
         nxt = tokens[:, CTX // 2 + 1:].reshape(-1)
         ppl_file = math.exp(-float(lp[np.arange(nxt.size), nxt].mean()))
         assert res.ppl == pytest.approx(ppl_file, rel=2e-4), name
@@ -58,8 +58,8 @@ def test_kl_divergence_matches_numpy_on_llama_perplexity_files(models, llama, te
     base = _stock_base(llama, models["f16"], text, tmp_path / "f16.kld")
     qfile = _stock_base(llama, models["q"], text, tmp_path / "q.kld")
     res = llama_eval.text_eval(llama, models["q"], base=base, threads=2)
-    _, lp_base = llamacpp.read_logprobs_file(base)
-    _, lp_q = llamacpp.read_logprobs_file(qfile)
+    _, lp_base = llama_tools.read_logprobs_file(base)
+    _, lp_q = llama_tools.read_logprobs_file(qfile)
     keep = lp_base > -16  # llama.cpp's KLD skips base probabilities below e^-16
     kld_rows = np.where(keep, np.exp(lp_base) * (lp_base - lp_q), 0.0).sum(axis=1)
     assert res.kld > 1e-6  # Q2_K really differs from F16 (the tiny random model is nearly uniform)

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 import pytest
 
-from eora_gguf import llamacpp
+from eora_gguf import llama_tools, llamacpp
 from eora_gguf.errors import EoraError
 
 THREADS = 2
@@ -170,7 +170,8 @@ def tiny(tiny_gguf, llama, patched, tmp_path_factory):
     f16 = tiny_gguf("llama")
     out_w = next(t for t in gguf.GGUFReader(f16).tensors if t.name == "output.weight")
     f16 = write_gguf_copy(f16, d / "sharp-f16.gguf", {"output.weight": np.array(out_w.data, np.float32) * 40})
-    models = {q: llamacpp.quantize(llama, f16, d / f"{q}.gguf", q) for q in ("Q4_K_M", "Q2_K", "Q5_0", "Q4_0", "Q8_0")}
+    models = {q: llama_tools.quantize(llama, f16, d / f"{q}.gguf", q)
+              for q in ("Q4_K_M", "Q2_K", "Q5_0", "Q4_0", "Q8_0")}
     rng = random.Random(3)
     from tiny_models import _WORDS
 
@@ -371,12 +372,12 @@ def smol(llama, patched):
     work.mkdir(exist_ok=True)
     f16 = work / "model-F16.gguf"
     if not f16.is_file():
-        llamacpp.convert(llama, hf, f16)
+        llama_tools.convert(llama, hf, f16)
     out = {}
     for quant in ("Q2_K", "Q4_K_M"):
         model = work / f"model-{quant}.gguf"
         if not model.is_file():
-            llamacpp.quantize(llama, f16, model, quant)
+            llama_tools.quantize(llama, f16, model, quant)
         adapter = work / f"eora-{quant}-r64.gguf"
         if not adapter.is_file():
             assert main(["compensate", "--hf", str(hf), "--gguf", str(model), "--rank", "64", "--samples", "16",

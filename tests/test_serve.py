@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_cli import words
 
-from eora_gguf import compensate, llama_eval, llamacpp, serve
+from eora_gguf import compensate, llama_eval, llama_tools, serve
 from eora_gguf.errors import EoraError
 
 N_PREDICT = 6
@@ -40,7 +40,7 @@ def served(tiny_hf, tiny_gguf, llama, tmp_path_factory):
     """A tiny llama quantized to Q2_K and two EoRA adapters calibrated on different texts."""
     tmp = tmp_path_factory.mktemp("serve")
     hf = tiny_hf("llama")
-    base = llamacpp.quantize(llama, tiny_gguf("llama"), tmp / "base-Q2_K.gguf", "Q2_K")
+    base = llama_tools.quantize(llama, tiny_gguf("llama"), tmp / "base-Q2_K.gguf", "Q2_K")
     adapters = []
     for i, seed in enumerate((21, 22)):
         calib = words(tmp / f"calib{i}.txt", 3000, seed=seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eora_gguf import compensate, llamacpp
+from eora_gguf import compensate, llama_tools
 from eora_gguf.cli import main
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.native]
@@ -18,7 +18,7 @@ def setup(tiny_hf, tiny_gguf, llama, tmp_path_factory):
         pytest.skip("the eora_native library is not built: run `pip install -e .`")
     tmp = tmp_path_factory.mktemp("validate")
     hf = tiny_hf("llama")
-    q = llamacpp.quantize(llama, tiny_gguf("llama"), tmp / "q2k.gguf", "Q2_K")
+    q = llama_tools.quantize(llama, tiny_gguf("llama"), tmp / "q2k.gguf", "Q2_K")
     text = tmp / "calib.txt"
     text.write_text(" ".join(["numbers one two three four five the model reads a quantized weight"] * 300))
     ad = tmp / "a.gguf"

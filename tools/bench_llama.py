@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eora_gguf import llama_eval, llamacpp  # noqa: E402
+from eora_gguf import llama_eval, llama_tools, llamacpp  # noqa: E402
 from eora_gguf.errors import EoraError, atomic_output  # noqa: E402
 
 log = logging.getLogger("bench_llama")
@@ -60,7 +60,7 @@ def model_path(model_dir: Path, quant: str, llama: llamacpp.LlamaCpp) -> Path:
         if not f16.is_file():
             raise EoraError(f"{path} not found, and no {f16} to quantize it from: run `eora-gguf run` first")
         log.info("making %s with llama-quantize", path.name)
-        llamacpp.quantize(llama, f16, path, quant)
+        llama_tools.quantize(llama, f16, path, quant)
     return path
 
 
@@ -114,7 +114,7 @@ def run_rounds(exe: Path, model: Path, lora: Path, text: Path, args: argparse.Na
                          env={**os.environ, "EORA_LLAMA_STATS": "1", **(env or {})},
                          stdin=subprocess.DEVNULL)
     if res.returncode != 0:
-        raise EoraError(f"lora_speed failed: {llamacpp._last_error_line(res.stderr)}")
+        raise EoraError(f"lora_speed failed: {llamacpp.last_error_line(res.stderr)}")
     rounds = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     m = _STATS.search(res.stderr)
     return rounds, ({"fused": int(m[1]), "added": int(m[2]), "stock": int(m[3])} if m else {})

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from eora_gguf import adapter as adapter_io  # noqa: E402
-from eora_gguf import assets, budgeted, hf_model, importance, llamacpp  # noqa: E402
+from eora_gguf import assets, budgeted, hf_model, importance, llama_tools, llamacpp  # noqa: E402
 from eora_gguf import budget as B  # noqa: E402
 from eora_gguf import compensate as comp  # noqa: E402
 from eora_gguf.gguf_io import open_gguf  # noqa: E402
@@ -115,10 +115,10 @@ def main() -> int:
 
     f16 = work / "f16.gguf"
     if not f16.exists():
-        llamacpp.convert(llama, hf, f16, outtype="f16")
+        llama_tools.convert(llama, hf, f16, outtype="f16")
     base_kld = work / "f16.kld"
     if not base_kld.exists():
-        llamacpp.run_tool([llama.tool("llama-perplexity"), "-m", f16, "-f", text, "-c", "512", "--chunks",
+        llama_tools.run_tool([llama.tool("llama-perplexity"), "-m", f16, "-f", text, "-c", "512", "--chunks",
                            str(args.chunks), "-t", str(args.threads), "--no-warmup", "--kl-divergence-base",
                            base_kld], "F16 logits")
     stats_file = work / "stats.safetensors"
@@ -136,7 +136,7 @@ def main() -> int:
     for q in bases:
         qpath = work / f"{q}.gguf"
         if not qpath.exists():
-            llamacpp.quantize(llama, f16, qpath, q)
+            llama_tools.quantize(llama, f16, qpath, q)
         sol_file = work / f"solution-{q}.safetensors"
         if sol_file.exists():
             sol = B.Solution.load(sol_file)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eora_gguf import adapter, assets, calib_data, calibration, embedding, hf_model, llamacpp  # noqa: E402
+from eora_gguf import adapter, assets, calib_data, calibration, embedding, hf_model, llama_tools, llamacpp  # noqa: E402
 from eora_gguf import compensate as comp  # noqa: E402
 from eora_gguf.gguf_io import open_gguf  # noqa: E402
 from eora_gguf.stats import CalibrationStats  # noqa: E402
@@ -43,7 +43,7 @@ def kld(llama, model: Path, text: Path, base: Path, lora: list[Path] = ()) -> di
     for a in lora:
         args += ["--lora", a]
     for _ in range(3):  # the pinned llama.cpp sometimes loses its last log lines (see llamacpp.perplexity)
-        res = llamacpp.run_tool(args, f"llama-perplexity --kl-divergence on {model.name}")
+        res = llama_tools.run_tool(args, f"llama-perplexity --kl-divergence on {model.name}")
         text_out = res.stdout + res.stderr
         m = _KLD.search(text_out)
         if m:
@@ -166,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     # F16 reference (tied and untied copies compute the same function; the base logits serve both)
     f16 = work / "f16.gguf"
     if not f16.exists():
-        llamacpp.convert(llama, hf, f16)
+        llama_tools.convert(llama, hf, f16)
     base_kld = work / "f16.kld"
     if not base_kld.exists():
-        llamacpp.run_tool([llama.tool("llama-perplexity"), "-m", f16, "-f", text, "-c", str(CTX), "--chunks",
+        llama_tools.run_tool([llama.tool("llama-perplexity"), "-m", f16, "-f", text, "-c", str(CTX), "--chunks",
                            str(CHUNKS), "-t", str(THREADS), "--kl-divergence-base", base_kld, "--no-warmup"],
                           "llama-perplexity F16 base")
     un_hf = untied_copy(hf, work / "untied-hf")
     un_f16 = work / "untied-f16.gguf"
     if not un_f16.exists():
-        llamacpp.convert(llama, un_hf, un_f16)
+        llama_tools.convert(llama, un_hf, un_f16)
     out["types"]["F16"] = tensor_table(f16)
     out["types"]["untied F16"] = tensor_table(un_f16)
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in ("q5_0", "q4_0"):
             lf = work / f"{q}-embd-{t}.gguf"
             if not lf.exists():
-                llamacpp.quantize(llama, f16, lf, q, extra_args=["--output-tensor-type", t])
+                llama_tools.quantize(llama, f16, lf, q, extra_args=["--output-tensor-type", t])
             out["types"][f"{q} --output-tensor-type {t}"] = tensor_table(lf)
             row(f"{q} tied embd {t}", lf)
             blk = work / f"{q}-embd-{t}-blk-r32.gguf"
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         # stock (tied)
         qf = work / f"{q}.gguf"
         if not qf.exists():
-            llamacpp.quantize(llama, f16, qf, q)
+            llama_tools.quantize(llama, f16, qf, q)
         out["types"][q] = tensor_table(qf)
         row(f"{q}", qf)
         blk = work / f"{q}-blk-r32.gguf"
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         # untied copy
         uq = work / f"untied-{q}.gguf"
         if not uq.exists():
-            llamacpp.quantize(llama, un_f16, uq, q)
+            llama_tools.quantize(llama, un_f16, uq, q)
         out["types"][f"untied {q}"] = tensor_table(uq)
         row(f"untied {q}", uq, tied=False)
         ublk = work / f"untied-{q}-blk-r32.gguf"

@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 import torch
 
-from eora_gguf import assets, calib_data, calibration, hf_model, llamacpp
+from eora_gguf import assets, calib_data, calibration, hf_model, llama_tools, llamacpp
 from eora_gguf import imatrix as im
 from eora_gguf.errors import atomic_output
 from eora_gguf.naming import NameMap
@@ -83,7 +83,7 @@ def llama_imatrix(llama, f16: Path, text: Path, out: Path, *, ctx: int, chunks: 
     if not out.exists():
         t0 = time.perf_counter()
         with atomic_output(out, suffix=".gguf") as tmp:
-            llamacpp.run_tool([llama.tool("llama-imatrix"), "-m", f16, "-f", text, "-c", str(ctx), "--chunks",
+            llama_tools.run_tool([llama.tool("llama-imatrix"), "-m", f16, "-f", text, "-c", str(ctx), "--chunks",
                                str(chunks), "--no-ppl", "-t", str(threads), "-o", tmp], "llama-imatrix")
         log.info("llama-imatrix %s: %.0f s", out.name, time.perf_counter() - t0)
     return {"file": out.name, "sha256": sha256(out),
@@ -111,7 +111,7 @@ def quantize(llama, f16: Path, out: Path, qtype: str, imatrix: Path | None, thre
     args = [llama.tool("llama-quantize")] + (["--imatrix", imatrix] if imatrix else [])
     t0 = time.perf_counter()
     with atomic_output(out, suffix=".gguf") as tmp:
-        res = llamacpp.run_tool([*args, f16, tmp, qtype, str(threads)], f"llama-quantize {qtype}")
+        res = llama_tools.run_tool([*args, f16, tmp, qtype, str(threads)], f"llama-quantize {qtype}")
     text = res.stdout + res.stderr
     m = _LOADED.search(text)
     return {"file": out.name, "bytes": out.stat().st_size, "sha256": sha256(out),
@@ -136,9 +136,9 @@ def tensors_differing(plain: Path, q: Path, covered: set[str]) -> dict:
 
 
 def kld(llama, model: Path, text: Path, base: Path, *, chunks: int, threads: int) -> dict:
-    args = llamacpp._perplexity_args(llama, model, text, lora=(), ctx=512, chunks=chunks, threads=threads)
+    args = llama_tools._perplexity_args(llama, model, text, lora=(), ctx=512, chunks=chunks, threads=threads)
     for _ in range(3):  # the pinned llama.cpp sometimes loses its last log lines (see llamacpp.perplexity)
-        res = llamacpp.run_tool([*args, "--kl-divergence-base", base, "--kl-divergence"], "llama-perplexity --kld")
+        res = llama_tools.run_tool([*args, "--kl-divergence-base", base, "--kl-divergence"], "llama-perplexity --kld")
         text_out = res.stdout + res.stderr
         k, t, p = _KLD.search(text_out), _TOP.search(text_out), _PPL.search(text_out)
         if k and t and p:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     f16 = work / "f16.gguf"
     if not f16.exists():
-        llamacpp.convert(llama, hf, f16)
+        llama_tools.convert(llama, hf, f16)
     tok = hf_model.load_tokenizer(hf)
     texts = write_texts(tok, work, chunks=args.chunks, ctx=args.ctx)
     eval_text = assets.text_file("eval")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
              "weights_only_in_theirs": sorted(set(b.sums) - set(a.sums)),
              "metadata": {"ours": [a.chunk_count, a.chunk_size], "theirs": [b.chunk_count, b.chunk_size]}}
     for _ in range(3):  # the pinned llama.cpp sometimes loses its last log lines (see llamacpp.perplexity)
-        show = llamacpp.run_tool([llama.tool("llama-imatrix"), "-m", f16, "--in-file", ours, "--show-statistics"],
+        show = llama_tools.run_tool([llama.tool("llama-imatrix"), "-m", f16, "--in-file", ours, "--show-statistics"],
                                  "llama-imatrix --show-statistics")
         m = re.search(r"Computing statistics for .* \((\d+) tensors\)", show.stdout + show.stderr)
         if m:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     base = work / "f16.kld"
     if not base.exists():
-        llamacpp.run_tool([*llamacpp._perplexity_args(llama, f16, eval_text, lora=(), ctx=512,
+        llama_tools.run_tool([*llama_tools._perplexity_args(llama, f16, eval_text, lora=(), ctx=512,
                                                       chunks=args.eval_chunks, threads=args.threads),
                            "--kl-divergence-base", base], "llama-perplexity --kl-divergence-base")
     seconds["kld_base"] = time.perf_counter() - t
