@@ -14,7 +14,8 @@ The package reads top-down as the data flows (README "Data flow" has the full mo
   llama.cpp      llamacpp (locate/build/patch), llama_tools (run convert/quantize/perplexity), llama_eval (our
                  libllama client), serve (llama-server)
   evaluation     evaluate, tasks, report, ladder, info
-  workflows      pipeline (run / sweep), make, cli (the verbs), __main__
+  workflows      pipeline (run / sweep), make
+  cli/           main + checks (before any work) + verbs (one function each) + parser; __main__
   native         _native (cffi binding), kernels (typed wrappers of the fused kernels)
   support        errors (EoraError, atomic outputs), cache (cache folder, locks)
 """
