@@ -1,4 +1,6 @@
-"""Write the compensation as adapters: a GGUF LoRA for stock llama.cpp (`--lora`) and a PEFT folder.
+"""Write the compensation as a GGUF LoRA for stock llama.cpp (`--lora`), read it back, check it against a base.
+
+The PEFT folder writer is peft.py.
 
 Factors come keyed by the base GGUF tensor name (`blk.3.attn_q.weight`) as (B (n_out, r), A (r, n_in)) with
 rows in GGUF order, so that Wq + B A ≈ W for the GGUF's own weight.
@@ -17,7 +19,6 @@ that layout cannot multiply (ggml aborts), so the checker refuses it there (see 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -29,10 +30,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .embedding import EMBEDDING_TENSORS, TOKEN_EMBD, hf_module
 from .errors import EoraError, atomic_output
 from .gguf_io import GGUFModel, open_gguf
-from .naming import NameMap
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,6 @@ F16_MAX = float(np.finfo(np.float16).max)
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # tensor data offsets and sizes are padded to this in the file
 
 Factors = Mapping[str, tuple[Any, Any]]
-# What write_peft puts in its folder: an existing folder holding only these is ours to replace.
-PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,7 @@ def write_gguf_lora(path: str | os.PathLike[str], factors: Factors, *, arch: str
     for name, t in types.items():
         if t not in ADAPTER_DTYPES:
             raise EoraError(f"unknown adapter type {t!r} for {name}: choose one of {', '.join(ADAPTER_DTYPES)}")
-    pairs = {name: _check_pair(name, b, a) for name, (b, a) in factors.items()}
+    pairs = {name: check_pair(name, b, a) for name, (b, a) in factors.items()}
     ranks = {name: a.shape[0] for name, (_, a) in pairs.items()}
     alpha = float(next(iter(ranks.values()))) if len(set(ranks.values())) == 1 else 0.0
     path = Path(path)
@@ -310,7 +307,7 @@ def _is_token_embd(name: str) -> bool:
     return name.endswith("token_embd.weight")  # the loader's own test (llama-adapter.cpp)
 
 
-def _check_pair(name: str, b: Any, a: Any) -> tuple[np.ndarray, np.ndarray]:
+def check_pair(name: str, b: Any, a: Any) -> tuple[np.ndarray, np.ndarray]:
     b, a = _numpy(b), _numpy(a)
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
         raise EoraError(f"{name}: factors must be B (n_out, r) and A (r, n_in) with r ≥ 1, "
@@ -359,67 +356,3 @@ def _add_metadata(writer: gguf.GGUFWriter, key: str, value: str | int | float) -
         writer.add_string(key, value)
     else:
         raise EoraError(f"metadata {key!r} must be a string, int or float, got {type(value).__name__}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PEFT
-
-
-def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap, *,
-               base_model_name_or_path: str | None = None) -> Path:
-    """Write a PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) that loads with scale 1.
-
-    factors are keyed by GGUF name in GGUF row order, as for `write_gguf_lora`; B rows are put back into HF
-    order (the llama Q/K permutation undone). output.weight becomes `lm_head` (a Linear); token_embd.weight
-    becomes PEFT's Embedding LoRA on `model.embed_tokens`: lora_embedding_A = Bᵀ (r, V), lora_embedding_B = Aᵀ
-    (d, r), since PEFT adds (lora_embedding_B @ lora_embedding_A)ᵀ·scale to the (V, d) embedding.
-    Keys: `base_model.model.<hf module>.lora_A.weight` (r, in) and
-    `.lora_B.weight` (out, r). lora_alpha = r (the most common rank); other ranks go in rank_pattern with an
-    equal alpha_pattern entry, so every module's scale alpha/r is 1.
-    """
-    from safetensors.numpy import save_file
-
-    if not factors:
-        raise EoraError("no adapter tensors to write: the rank or the module selection left nothing")
-    out = Path(out_dir)
-    if not out.parent.is_dir():
-        raise EoraError(f"output directory {out.parent} does not exist: create it or choose another path")
-    out.mkdir(exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    for gguf_name, (b, a) in factors.items():
-        b, a = _check_pair(gguf_name, b, a)
-        if gguf_name in EMBEDDING_TENSORS:
-            module = hf_module(gguf_name, names.hf_prefix)
-            if gguf_name == TOKEN_EMBD:  # PEFT's Embedding: ΔE = (lora_embedding_B @ lora_embedding_A)ᵀ
-                tensors[f"base_model.model.{module}.lora_embedding_A"] = np.ascontiguousarray(b.T, dtype=np.float32)
-                tensors[f"base_model.model.{module}.lora_embedding_B"] = np.ascontiguousarray(a.T, dtype=np.float32)
-                ranks[module] = a.shape[0]
-                continue
-            b_hf = b
-        else:
-            module = names.to_hf(gguf_name)
-            b_hf = names.gguf_to_hf_rows(module, b)
-        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a, dtype=np.float32)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b_hf, dtype=np.float32)
-        ranks[module] = a.shape[0]
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {m: k for m, k in ranks.items() if k != r}
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-    with atomic_output(out / "adapter_model.safetensors") as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        except Exception as exc:  # safetensors reports a full disk as its own error type
-            raise EoraError(f"cannot write {out / 'adapter_model.safetensors'}: {str(exc).splitlines()[0]}") from None
-    with atomic_output(out / "adapter_config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    (log.debug if out.name.endswith(".partial") else log.info)("wrote PEFT adapter %s: %d modules, r %d%s", out,
-                                                                len(ranks), r,
-             f" ({len(pattern)} with other ranks)" if pattern else "")
-    return out

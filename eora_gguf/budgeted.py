@@ -2,7 +2,7 @@
 
 `solve` keeps, per tensor, the factors, the gain of every component and the exact objective of every rank in
 every stored type (budget.Solution), weighted by each tensor's measured effect on the output
-(`measure_importance`: importance.fisher_kl of W - Wq); `adapt` allocates a budget over that solve (budget.plan),
+(`measure_importance`: importance.fisher_kl of W - Wq); `adapt` allocates a budget over that solve (allocation.plan),
 writes the adapter and checks it never exceeds the budget. `compensate.compensate(budget=...)` runs both.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from . import adapter as adapter_io
+from . import allocation, devices, eora, importance, info, peft
 from . import budget as budget_mod
-from . import devices, eora, importance, info
 from .errors import EoraError, check_writable
 from .gguf_io import GGUFModel, check_matches, open_gguf
 from .hf_model import calibration_ids, load_config
@@ -150,11 +150,11 @@ def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str
                 "eora.base_model": Path(gguf_path).name, "eora.calibration": str(sol.meta.get("calibration")),
                 "eora.budget": spec.spec or f"{spec.kind}:{spec.value:g}",
                 **info.provenance(gguf_path, calib_tokens=sol.meta.get("calib_tokens"), name=name)}
-    alloc = budget_mod.plan(sol, avail, dtypes=dtypes, metadata=metadata)
+    alloc = allocation.plan(sol, avail, dtypes=dtypes, metadata=metadata)
     if not alloc.ranks():
         raise EoraError(f"the budget leaves {avail} bytes for the adapter: not enough for rank 1 of any tensor")
     metadata["eora.rank"] = max(alloc.ranks().values())
-    factors = budget_mod.truncated(sol, alloc)
+    factors = allocation.truncated(sol, alloc)
     path = adapter_io.write_gguf_lora(out, factors, arch=sol.arch, dtype=alloc.types(), metadata=metadata)
     size = Path(path).stat().st_size
     if size > avail:  # only an F16 factor overflowing to F32 can do this; never leave an over-budget file
@@ -166,7 +166,7 @@ def adapt(solution: budget_mod.Solution | str | os.PathLike[str], gguf_path: str
     if peft_dir is not None:
         _, stored = adapter_io.read_gguf_lora(path)
         names = NameMap.from_config(load_config(hf_dir))
-        adapter_io.write_peft(peft_dir, stored, names, base_model_name_or_path=str(hf_dir))
+        peft.write_peft(peft_dir, stored, names, base_model_name_or_path=str(hf_dir))
     tensors = {}
     refs = sol.meta.get("ref", {})
     for n, t in sol.tensors.items():

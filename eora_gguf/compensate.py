@@ -17,7 +17,7 @@ import torch
 
 from . import adapter as adapter_io
 from . import budget as budget_mod
-from . import calib_data, calibration, checkpoint, devices, distributed, embedding, eora, fast_solve, info
+from . import calib_data, calibration, checkpoint, devices, distributed, embedding, eora, fast_solve, info, peft
 from .budgeted import adapt, budget_types, solve
 from .errors import EoraError, check_writable, staged_outputs
 from .gguf_io import check_matches, open_gguf
@@ -160,7 +160,7 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
         if staging is not None:
             out_tmp = staging.file(out, suffix=".gguf", inputs=inputs)
             also_tmp = {r: staging.file(p, suffix=".gguf", inputs=[*inputs, out]) for r, p in also.items()}
-            peft_tmp = (staging.folder(peft_dir, may_hold=adapter_io.PEFT_FILES, inputs=[*inputs, out])
+            peft_tmp = (staging.folder(peft_dir, may_hold=peft.PEFT_FILES, inputs=[*inputs, out])
                         if peft_dir is not None else None)
         check_matches(config, base)
         if not allow_mismatch:
@@ -208,7 +208,7 @@ def _compensate_rank(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
                                            metadata={**metadata, "eora.rank": r})
                 adapter_io.check_gguf_lora(p, base)
             if peft_tmp is not None:
-                adapter_io.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
+                peft.write_peft(peft_tmp, solver.factors, names, base_model_name_or_path=str(hf))
     distributed.barrier()  # rank 0 has renamed its outputs into place
     if opened is not None:
         opened.remove()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import adapter as adapter_io
+from . import peft
 from .errors import EoraError, staged_outputs
 from .gguf_io import open_gguf
 from .naming import LINEAR_MODULES, NameMap
@@ -193,7 +194,7 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
     inputs = [hf, base_path, init if init not in INITS else None]
     with staged_outputs() as staging, open_gguf(base_path) as base:
         out_tmp = staging.file(out, suffix=".gguf", inputs=inputs)
-        peft_tmp = (staging.folder(peft_dir, may_hold=adapter_io.PEFT_FILES, inputs=[*inputs, out])
+        peft_tmp = (staging.folder(peft_dir, may_hold=peft.PEFT_FILES, inputs=[*inputs, out])
                     if peft_dir is not None else None)
         log_tmp = staging.file(log_path, suffix=".json", inputs=[*inputs, out]) if log_path is not None else None
         t0 = time.perf_counter()
@@ -252,7 +253,7 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
         adapter_io.write_gguf_lora(out_tmp, trained, arch=str(base.meta.arch), dtype=adapter_type, metadata=metadata)
         adapter_io.check_gguf_lora(out_tmp, base)
         if peft_tmp is not None:
-            adapter_io.write_peft(peft_tmp, trained, names, base_model_name_or_path=str(hf))
+            peft.write_peft(peft_tmp, trained, names, base_model_name_or_path=str(hf))
         if log_tmp is not None:
             log_tmp.write_text(json.dumps(record, indent=1) + "\n")
     log.info("wrote %s (rank %d, %d steps from %s init; final held-out loss %.4f)", out, rank, steps,

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from eora_gguf import eora
-from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora, write_peft
+from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.llama_tools import token_logprobs
 from eora_gguf.naming import NameMap, permute_rows
+from eora_gguf.peft import write_peft
 
 from tiny_models import _WORDS, ARCHS, SYNTH, hf_state, write_gguf_copy, write_synthetic_gguf
 

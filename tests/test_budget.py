@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from eora_gguf import allocation, eora
 from eora_gguf import budget as B
-from eora_gguf import eora
 from eora_gguf.adapter import ADAPTER_DTYPES, read_gguf_lora, write_gguf_lora
 from eora_gguf.errors import EoraError
 
@@ -85,9 +85,10 @@ def synthetic_tables(rng, n_tensors=3, n_opts=5):
     monotone nor concave), as (type, rank) choices of real tensors can be."""
     tables = {}
     for t in range(n_tensors):
-        opts = [B.Option(0, "", 0, 0.0)]
+        opts = [allocation.Option(0, "", 0, 0.0)]
         for k in range(n_opts):
-            opts.append(B.Option(k + 1, "f16", int(rng.integers(10, 200)), float(rng.uniform(0, 10)) * (t + 1)))
+            value = float(rng.uniform(0, 10)) * (t + 1)
+            opts.append(allocation.Option(k + 1, "f16", int(rng.integers(10, 200)), value))
         tables[f"t{t}"] = opts
     return tables
 
@@ -105,7 +106,7 @@ def test_allocation_against_brute_force(seed):
     rng = np.random.default_rng(seed)
     tables = synthetic_tables(rng, n_tensors=3, n_opts=5)
     # the Lagrangian path's points: exactly optimal at their own bytes
-    hulls = {n: B._hull(o) for n, o in tables.items()}
+    hulls = {n: allocation._hull(o) for n, o in tables.items()}
     steps = sorted(((h[j].value - h[j - 1].value) / (h[j].bytes - h[j - 1].bytes), n, j)
                    for n, h in hulls.items() for j in range(1, len(h)))[::-1]
     path_budgets, spent = [], 0
@@ -114,11 +115,11 @@ def test_allocation_against_brute_force(seed):
         spent += hulls[n][j].bytes - hulls[n][j - 1].bytes
         path_budgets.append(spent)
     for avail in path_budgets:
-        alloc = B.allocate(tables, avail)
+        alloc = allocation.allocate(tables, avail)
         assert alloc.value == pytest.approx(brute_force(tables, avail), rel=1e-12), avail
     # any budget: within the bytes, never above the LP bound, which bounds the true optimum too
     for avail in [0, 5, 17, *rng.integers(0, 700, 25)]:
-        alloc = B.allocate(tables, int(avail))
+        alloc = allocation.allocate(tables, int(avail))
         best = brute_force(tables, avail)
         assert alloc.bytes <= avail
         assert sum(o.bytes for o in alloc.choices.values()) == alloc.bytes
@@ -131,9 +132,10 @@ def test_allocation_with_concave_gains_spends_where_value_per_byte_is_highest():
     """Two equal tensors, one with 4x the importance: it gets more rank."""
     def table(weight):
         gains = 1.0 / np.arange(1, 9)
-        return [B.Option(0, "", 0, 0.0)] + [B.Option(r, "f16", 100 * r, weight * gains[:r].sum()) for r in range(1, 9)]
+        return [allocation.Option(0, "", 0, 0.0)] + [allocation.Option(r, "f16", 100 * r, weight * gains[:r].sum())
+                                                     for r in range(1, 9)]
 
-    alloc = B.allocate({"a": table(4.0), "b": table(1.0)}, 600)
+    alloc = allocation.allocate({"a": table(4.0), "b": table(1.0)}, 600)
     assert alloc.choices["a"].rank > alloc.choices["b"].rank and alloc.bytes == 600
     assert alloc.value == pytest.approx(brute_force({"a": table(4.0), "b": table(1.0)}, 600))
 
@@ -174,11 +176,11 @@ def test_written_adapter_never_exceeds_the_budget(rng, tmp_path):
     sizes = []
     for avail in (600, 1500, 2345, 5000, 9001, 20000, 40000, 10**6):
         for dtypes in (B.AUTO_TYPES, ("q4_0",), ("f16",)):
-            alloc = B.plan(sol, avail, dtypes=dtypes, metadata=meta)
+            alloc = allocation.plan(sol, avail, dtypes=dtypes, metadata=meta)
             if not alloc.ranks():
                 assert alloc.value == 0.0
                 continue
-            path = write_gguf_lora(tmp_path / "a.gguf", B.truncated(sol, alloc), arch="llama",
+            path = write_gguf_lora(tmp_path / "a.gguf", allocation.truncated(sol, alloc), arch="llama",
                                    dtype=alloc.types(), metadata=meta)
             size = path.stat().st_size
             assert size <= avail and size <= alloc.file_bytes_max, (avail, dtypes, size)
@@ -186,7 +188,7 @@ def test_written_adapter_never_exceeds_the_budget(rng, tmp_path):
             sizes.append((avail, size))
     assert any(avail - size < 0.1 * avail for avail, size in sizes if avail >= 5000)  # and it uses the bytes
     with pytest.raises(EoraError, match="overhead"):
-        B.plan(sol, 100, metadata=meta)
+        allocation.plan(sol, 100, metadata=meta)
 
 
 def test_solution_file_round_trip(rng, tmp_path):
@@ -199,8 +201,8 @@ def test_solution_file_round_trip(rng, tmp_path):
         assert np.array_equal(u.b, t.b) and np.array_equal(u.a, t.a) and np.array_equal(u.gains, t.gains)
         assert u.weight == t.weight and set(u.objective) == {"f16", "q4_0"}
         assert all(np.array_equal(u.objective[k], t.objective[k]) for k in t.objective)
-    a1 = B.plan(sol, 5000, dtypes=("f16", "q4_0"))
-    a2 = B.plan(back, 5000, dtypes=("f16", "q4_0"))
+    a1 = allocation.plan(sol, 5000, dtypes=("f16", "q4_0"))
+    a2 = allocation.plan(back, 5000, dtypes=("f16", "q4_0"))
     assert a1.choices == a2.choices
     with pytest.raises(EoraError, match="no objectives"):
-        B.plan(back, 5000, dtypes=("q8_0",))
+        allocation.plan(back, 5000, dtypes=("q8_0",))

@@ -187,21 +187,21 @@ def test_quantize_in_place_is_refused(m, tmp_path, capsys):
 
 def test_peft_is_all_or_nothing_and_rerunnable(m, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the PEFT folder is half written leaves neither output; the same command then succeeds."""
-    from eora_gguf import adapter as adapter_io
+    from eora_gguf import peft as peft_mod
 
     out, peft = tmp_path / "a.gguf", tmp_path / "peft"
-    real = adapter_io.write_peft
+    real = peft_mod.write_peft
 
     def interrupted(out_dir, *a, **k):
         Path(out_dir, "adapter_model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapter_io, "write_peft", interrupted)
+    monkeypatch.setattr(peft_mod, "write_peft", interrupted)
     assert main([str(a) for a in comp_argv(m, out, "--peft", peft)]) == 130
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(adapter_io, "write_peft", real)
+    monkeypatch.setattr(peft_mod, "write_peft", real)
     assert main([str(a) for a in comp_argv(m, out, "--peft", peft)]) == 0
-    assert out.is_file() and sorted(p.name for p in peft.iterdir()) == sorted(adapter_io.PEFT_FILES)
+    assert out.is_file() and sorted(p.name for p in peft.iterdir()) == sorted(peft_mod.PEFT_FILES)
     assert main([str(a) for a in comp_argv(m, out, "--peft", peft)]) == 0  # and again over its own outputs
     capsys.readouterr()
 

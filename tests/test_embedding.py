@@ -11,11 +11,12 @@ import torch
 
 from eora_gguf import compensate as comp
 from eora_gguf import embedding, llama_tools, reconstruct
-from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora, write_peft
+from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.hf_model import load_config
 from eora_gguf.naming import NameMap
+from eora_gguf.peft import write_peft
 
 from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_synthetic_gguf
 

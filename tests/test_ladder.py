@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from eora_gguf import ladder, refine
+from eora_gguf import ladder, ladder_report, refine
 from eora_gguf.cli import main
 
 pytestmark = pytest.mark.llama_cpp
@@ -106,12 +106,12 @@ def test_write_shifted_subtracts_the_adapter(tiny_gguf, tmp_path):
 
 
 def test_best_per_rung_picks_lowest_kld_that_fits():
-    rows = [ladder.Row("Q2", "stock", False, ["a"], 100, 0.3, 30, 0.8, {"type": "Q2"}),
-            ladder.Row("Q2 +im", "stock", True, ["b"], 100, 0.2, 25, 0.85, {"type": "Q2"}),
-            ladder.Row("Q3 +im", "stock", True, ["c"], 120, 0.1, 20, 0.9, {"type": "Q3"}),
-            ladder.Row("p1", "eora", True, ["b", "x"], 119, 0.09, 19, 0.9, {"type": "Q2"}),
-            ladder.Row("p2", "eora", True, ["b", "y"], 121, 0.01, 15, 0.95, {"type": "Q2"})]
-    v = {e["rung"]: e for e in ladder.best_per_rung(rows)}
+    rows = [ladder_report.Row("Q2", "stock", False, ["a"], 100, 0.3, 30, 0.8, {"type": "Q2"}),
+            ladder_report.Row("Q2 +im", "stock", True, ["b"], 100, 0.2, 25, 0.85, {"type": "Q2"}),
+            ladder_report.Row("Q3 +im", "stock", True, ["c"], 120, 0.1, 20, 0.9, {"type": "Q3"}),
+            ladder_report.Row("p1", "eora", True, ["b", "x"], 119, 0.09, 19, 0.9, {"type": "Q2"}),
+            ladder_report.Row("p2", "eora", True, ["b", "y"], 121, 0.01, 15, 0.95, {"type": "Q2"})]
+    v = {e["rung"]: e for e in ladder_report.best_per_rung(rows)}
     assert v["Q3"]["best_pair"] == "p1" and v["Q3"]["wins_imatrix"] is True
     assert v["Q2"]["best_pair"] is None and v["Q2"]["wins_imatrix"] is False
 

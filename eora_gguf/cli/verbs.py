@@ -129,8 +129,8 @@ def cmd_imatrix(args: argparse.Namespace) -> dict:
 
 def cmd_compensate(args: argparse.Namespace) -> dict:
     from .. import compensate
-    from ..adapter import PEFT_FILES
     from ..errors import check_output
+    from ..peft import PEFT_FILES
 
     adapter_type = args.adapter_type or ("auto" if args.budget else "f16")
     if args.rank is None and args.budget is None:
