@@ -175,14 +175,14 @@ def solve_token_embd(delta_e: torch.Tensor, weights: torch.Tensor, rank: int, *,
 
     delta_e: (V, d) E − Eq, rows = tokens. weights: (V,) w_t ≥ 0 (see EmbeddingStats.row_weights).
     """
-    de = _matrix(delta_e, name)
+    de = eora._as_matrix(delta_e, "delta_e", name)
     w = torch.as_tensor(weights).to(torch.float64).reshape(-1)
     if w.shape[0] != de.shape[0]:
         raise EoraError(f"{name}: {w.shape[0]} token weights for {de.shape[0]} embedding rows: "
                         "calibration and weights come from different models")
     if bool((w < 0).any()) or float(w.sum()) <= 0.0:
         raise EoraError(f"{name}: token weights must be non-negative and not all zero")
-    _rank(rank, de.shape, name)
+    eora._check_rank(rank, de.shape, name)
     gram = de.T @ (de * w[:, None])                                          # (d, d) = ΔEᵀ D ΔE
     mu, v = eora._top_eigh(gram, rank)                                            # (r,), (d, r)
     b = de @ v                                                               # (V, r)
@@ -197,7 +197,7 @@ def solve_output(delta_w: torch.Tensor, cov: torch.Tensor, rank: int, *, eig_flo
 
     delta_w: (V, d); cov: (d, d). B (V, r) orthonormal, A = Bᵀ ΔW (r, d); gains_i = a_i C a_iᵀ.
     """
-    dw = _matrix(delta_w, name)
+    dw = eora._as_matrix(delta_w, "delta_w", name)
     b, a = eora.eora(dw, cov, rank, eig_floor=eig_floor, name=name)
     c = torch.as_tensor(cov).to(torch.float64)
     gains = ((a @ c) * a).sum(1)
@@ -293,27 +293,6 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
         log.info("%s (%s): rank %d, relative error %.3g -> %.3g", name, rows[name]["qtype"], r,
                  sol.objective / ref, after / ref)
     return solutions, rows
-
-
-# ------------------------------------------------------------------------------------------- internals
-
-
-
-
-def _matrix(x: torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x).to(torch.float64)
-    if t.ndim != 2 or 0 in t.shape:
-        raise EoraError(f"{name}: expected a non-empty (V, d) matrix, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise EoraError(f"{name}: the HF or GGUF weight holds NaN/Inf: check both model files")
-    return t
-
-
-def _rank(rank: int, shape: torch.Size, name: str) -> None:
-    limit = min(shape)
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
-        raise EoraError(f"{name}: rank {rank!r} is out of range for a {shape[0]}x{shape[1]} tensor: "
-                        f"choose 1..{limit}")
 
 
 __all__ = ["EMBEDDING_TENSORS", "EmbeddingStats", "OUTPUT", "Solution", "TOKEN_EMBD", "collect",

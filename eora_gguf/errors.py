@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -282,3 +283,9 @@ def atomic_output(path: PathLike, *, suffix: str = "", inputs: Iterable[PathLike
     """
     with staged_outputs() as staging:
         yield staging.file(path, suffix=suffix, inputs=inputs)
+
+
+def write_json(path: PathLike, obj: object) -> None:
+    """`obj` as indented JSON with a final newline at `path`, written atomically (see `atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")

@@ -90,6 +90,39 @@ def tiny_q4(tiny_hf, tmp_path_factory):
     return {"hf": hf, "gguf": d / "q4.gguf", "calib": d / "calib.txt"}
 
 
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """{arch: folder} of the six streaming models (tiny_models.STREAM_ARCHS), built once per session."""
+    from tiny_models import STREAM_ARCHS, make_stream_model
+
+    root = tmp_path_factory.mktemp("stream-models")
+    out = {}
+    for arch in STREAM_ARCHS:
+        d = root / arch
+        make_stream_model(arch).save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def ids():
+    """(SAMPLES, SEQLEN) random token ids for the streaming models."""
+    import torch
+
+    from tiny_models import SAMPLES, SEQLEN, STREAM_VOCAB
+
+    return torch.randint(0, STREAM_VOCAB, (SAMPLES, SEQLEN), generator=torch.Generator().manual_seed(1))
+
+
+
+@pytest.fixture
+def synth_base(tmp_path):
+    """(path, {GGUF name: float32 weight}) of tiny_models.write_synthetic_gguf's small F32 model in tmp_path."""
+    from tiny_models import write_synthetic_gguf
+
+    path = tmp_path / "base.gguf"
+    return path, write_synthetic_gguf(path)
+
 def adapter_products(path) -> dict:
     """{tensor: B A (float64)} of a GGUF LoRA adapter: what it adds to each weight (factors' split is free)."""
     from eora_gguf.adapter import read_gguf_lora

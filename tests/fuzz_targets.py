@@ -21,6 +21,8 @@ import gguf
 import numpy as np
 from hypothesis import strategies as st
 
+from tiny_models import model_writer, write_out
+
 T = gguf.GGMLQuantizationType
 # 1 layer, hidden 64: the whole model GGUF stays a few tens of KB, so mutating and re-reading it is quick.
 CONFIG = dict(model_type="llama", num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
@@ -46,13 +48,7 @@ class Seeds:
         names = NameMap(dims)
         rng = np.random.default_rng(0)
         self.model_path = self.dir / "model.gguf"
-        writer = gguf.GGUFWriter(self.model_path, dims.arch)
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_block_count(dims.n_layers)
-        writer.add_embedding_length(dims.hidden)
-        writer.add_head_count(dims.n_head)
-        writer.add_head_count_kv(dims.n_head_kv)
-        writer.add_feed_forward_length(dims.ffn)
+        writer = model_writer(self.model_path, dims)
         factors = {}
         for i, module in enumerate(LINEAR_MODULES):
             name = names.to_gguf(f"model.layers.0.{module}")
@@ -72,10 +68,7 @@ class Seeds:
         k = rng.integers(0, 256, (2, 144), dtype=np.uint8)  # two Q4_K rows of random blocks (no quantizer in gguf-py)
         writer.add_tensor("extra.k_quant.weight", k, raw_shape=k.shape, raw_dtype=T.Q4_K)
         writer.add_tensor("blk.0.attn_norm.weight", np.ones(dims.hidden, np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_out(writer)
         self.model = self.model_path.read_bytes()
         self.adapter_path = adapter_io.write_gguf_lora(self.dir / "adapter.gguf", factors, arch=dims.arch,
                                                        dtype="q8_0", metadata={"eora.rank": 2})

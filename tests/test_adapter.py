@@ -14,10 +14,9 @@ from eora_gguf.adapter import check_gguf_lora, read_gguf_lora, write_gguf_lora
 from eora_gguf.errors import EoraError
 from eora_gguf.gguf_io import open_gguf
 from eora_gguf.llama_tools import token_logprobs
-from eora_gguf.naming import NameMap, permute_rows
-from eora_gguf.peft import write_peft
+from eora_gguf.naming import NameMap
 
-from tiny_models import _WORDS, ARCHS, SYNTH, hf_state, write_gguf_copy, write_synthetic_gguf
+from tiny_models import _WORDS, ARCHS, SYNTH, hf_state, random_factors, write_gguf_copy, write_out, write_synthetic_gguf
 
 Q = gguf.GGMLQuantizationType
 
@@ -26,25 +25,9 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sum((a - b) ** 2) / np.sum(b ** 2))
 
 
-def random_factors(base_weights: dict[str, np.ndarray], rank,
-                   seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i, (name, w) in enumerate(base_weights.items()):
-        r = rank[i % len(rank)] if isinstance(rank, list) else rank
-        out[name] = (rng.standard_normal((w.shape[0], r)) * 0.1, rng.standard_normal((r, w.shape[1])) * 0.01)
-    return out
-
-
-@pytest.fixture
-def base(tmp_path):
-    path = tmp_path / "base.gguf"
-    return path, write_synthetic_gguf(path)
-
-
 @pytest.mark.parametrize("dtype,bound", [("f32", 1e-14), ("f16", 1e-6), ("q8_0", 1e-4)])
-def test_gguf_lora_round_trip(base, tmp_path, dtype, bound):
-    path, weights = base
+def test_gguf_lora_round_trip(synth_base, tmp_path, dtype, bound):
+    path, weights = synth_base
     factors = random_factors(weights, 32)
     out = write_gguf_lora(tmp_path / "a.gguf", factors, arch="llama", dtype=dtype, metadata={"eora.method": "eora"})
     info = check_gguf_lora(out, path)
@@ -65,12 +48,12 @@ def test_gguf_lora_round_trip(base, tmp_path, dtype, bound):
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
-def test_block_types_store_gguf_py_quantization_and_fall_back_per_tensor(base, tmp_path, dtype):
+def test_block_types_store_gguf_py_quantization_and_fall_back_per_tensor(synth_base, tmp_path, dtype):
     """Each block type reads back exactly as gguf-py's quantize -> dequantize of the factors; a rank-8 B (rows of 8)
     falls back to F16; the file's size is header_bytes + Σ pair_bytes."""
     from eora_gguf.adapter import ADAPTER_DTYPES, header_bytes, pair_bytes
 
-    path, weights = base
+    path, weights = synth_base
     qtype = ADAPTER_DTYPES[dtype]
     ranks = [32, 8, 64]
     factors = random_factors(weights, ranks)
@@ -90,8 +73,8 @@ def test_block_types_store_gguf_py_quantization_and_fall_back_per_tensor(base, t
     assert out.stat().st_size == size
 
 
-def test_q8_0_falls_back_to_f16_for_short_rows(base, tmp_path, caplog):
-    path, weights = base
+def test_q8_0_falls_back_to_f16_for_short_rows(synth_base, tmp_path, caplog):
+    path, weights = synth_base
     with caplog.at_level(logging.INFO, logger="eora_gguf.adapter"):
         out = write_gguf_lora(tmp_path / "a.gguf", random_factors(weights, 8), arch="llama", dtype="q8_0")
     info = check_gguf_lora(out, path)
@@ -102,8 +85,8 @@ def test_q8_0_falls_back_to_f16_for_short_rows(base, tmp_path, caplog):
     assert len(summary) == 1 and summary[0].startswith(f"{len(info.types)} adapter tensor(s)"), summary
 
 
-def test_mixed_ranks_get_alpha_zero(base, tmp_path):
-    path, weights = base
+def test_mixed_ranks_get_alpha_zero(synth_base, tmp_path):
+    path, weights = synth_base
     factors = random_factors(weights, [4, 16, 7])
     info = check_gguf_lora(write_gguf_lora(tmp_path / "a.gguf", factors, arch="llama"), path)
     assert info.alpha == 0.0
@@ -111,8 +94,8 @@ def test_mixed_ranks_get_alpha_zero(base, tmp_path):
     assert all(info.scale(n) == 1.0 for n in factors)
 
 
-def test_check_refuses_adapters_for_another_model(base, tmp_path):
-    path, weights = base
+def test_check_refuses_adapters_for_another_model(synth_base, tmp_path):
+    path, weights = synth_base
     factors = random_factors(weights, 4)
     with pytest.raises(EoraError, match="architecture"):
         check_gguf_lora(write_gguf_lora(tmp_path / "arch.gguf", factors, arch="qwen2"), path)
@@ -132,10 +115,7 @@ def hand_adapter(path, tensors: dict[str, np.ndarray], *, general_type="adapter"
         w.add_key_value("adapter.lora.alpha", alpha[0], alpha[1])
     for name, t in tensors.items():
         w.add_tensor(name, t.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 
@@ -151,14 +131,14 @@ def hand_adapter(path, tensors: dict[str, np.ndarray], *, general_type="adapter"
     ({"blk.0.attn_q.weight.lora_a": np.ones((2, 64)), "blk.0.attn_q.weight.lora_b": np.ones((64, 2))},
      {"alpha": (4.0, gguf.GGUFValueType.FLOAT32)}, "scale 2"),
 ])
-def test_check_mirrors_llama_cpp_loader(base, tmp_path, tensors, kwargs, match):
-    path, _ = base
+def test_check_mirrors_llama_cpp_loader(synth_base, tmp_path, tensors, kwargs, match):
+    path, _ = synth_base
     with pytest.raises(EoraError, match=match):
         check_gguf_lora(hand_adapter(tmp_path / "bad.gguf", tensors, **kwargs), path)
 
 
-def test_norm_entries_are_ignored_and_alpha_zero_means_scale_one(base, tmp_path):
-    path, _ = base
+def test_norm_entries_are_ignored_and_alpha_zero_means_scale_one(synth_base, tmp_path):
+    path, _ = synth_base
     adapter = hand_adapter(tmp_path / "ok.gguf", {"blk.0.attn_q.weight.lora_a": np.ones((2, 64)),
                                                   "blk.0.attn_q.weight.lora_b": np.ones((64, 2)),
                                                   "blk.0.attn_norm.weight": np.ones(64)})
@@ -166,8 +146,8 @@ def test_norm_entries_are_ignored_and_alpha_zero_means_scale_one(base, tmp_path)
     assert info.ranks == {"blk.0.attn_q.weight": 2} and info.alpha == 0.0 and info.scale("blk.0.attn_q.weight") == 1.0
 
 
-def test_failed_write_leaves_no_file(base, tmp_path):
-    _, weights = base
+def test_failed_write_leaves_no_file(synth_base, tmp_path):
+    _, weights = synth_base
     factors = random_factors(weights, 4)
     name = next(iter(factors))
     factors[name][1][0, 0] = np.nan
@@ -176,29 +156,6 @@ def test_failed_write_leaves_no_file(base, tmp_path):
     with pytest.raises(EoraError, match="unknown adapter type"):
         write_gguf_lora(tmp_path / "a.gguf", random_factors(weights, 4), arch="llama", dtype="q2_k")
     assert list(tmp_path.iterdir()) == [tmp_path / "base.gguf"]
-
-
-def test_peft_folder(base, tmp_path):
-    from safetensors.numpy import load_file
-
-    path, weights = base
-    names = NameMap.from_config(SYNTH)
-    factors = random_factors(weights, [8, 8, 8, 4])
-    out = write_peft(tmp_path / "peft", factors, names, base_model_name_or_path="tiny")
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 8, 8)
-    assert cfg["rank_pattern"] == cfg["alpha_pattern"] and set(cfg["rank_pattern"].values()) == {4}
-    state = load_file(out / "adapter_model.safetensors")
-    assert len(state) == 2 * len(factors)
-    for gname, (b, a) in factors.items():
-        module = names.to_hf(gname)
-        hb, ha = state[f"base_model.model.{module}.lora_B.weight"], state[f"base_model.model.{module}.lora_A.weight"]
-        np.testing.assert_allclose(ha, a, rtol=1e-6)
-        groups = {"attn_q": 4, "attn_k": 2}.get(gname.split(".")[2])
-        # HF-order B, permuted the converter's way, gives back the GGUF-order B
-        np.testing.assert_allclose(permute_rows(hb, groups) if groups else hb, b, rtol=1e-6)
-        r = a.shape[0]
-        assert cfg["rank_pattern"].get(module, cfg["r"]) == r
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,30 +253,3 @@ def test_llama_cpp_applies_the_adapter_with_scale_one(tiny_hf, tiny_gguf, llama,
     print(f"{arch}: max |Δ log p| copy {err_broken:.3g}, copy+adapter {err_fixed:.3g}")
     assert err_broken > 1e-2
     assert err_fixed < err_broken / 50
-
-
-def test_peft_loads_with_scale_one(tmp_path):
-    """peft itself (when installed) merges our folder into the HF model as W + B A, i.e. with scale 1."""
-    peft = pytest.importorskip("peft")
-    import transformers as tf
-
-    from tiny_models import build_tiny_model
-
-    hf_dir = build_tiny_model("llama", tmp_path / "hf")
-    config = json.loads((hf_dir / "config.json").read_text())
-    names = NameMap.from_config(config)
-    state = hf_state(hf_dir)
-    rng = np.random.default_rng(3)
-    factors = {}
-    for i, module in enumerate(names.modules()):
-        w = state[module + ".weight"]
-        r = 8 if i % 3 else 4  # mixed ranks exercise rank_pattern/alpha_pattern
-        factors[names.to_gguf(module)] = (rng.standard_normal((w.shape[0], r)) * 0.1,
-                                          rng.standard_normal((r, w.shape[1])) * 0.1)
-    out = write_peft(tmp_path / "peft", factors, names)
-    model = tf.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(model, out).merge_and_unload().state_dict()
-    for module in names.modules():
-        b, a = factors[names.to_gguf(module)]
-        want = state[module + ".weight"] + names.gguf_to_hf_rows(module, b) @ a
-        np.testing.assert_allclose(merged[module + ".weight"].double().numpy(), want, atol=1e-5)

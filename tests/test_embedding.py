@@ -18,7 +18,7 @@ from eora_gguf.hf_model import load_config
 from eora_gguf.naming import NameMap
 from eora_gguf.peft import write_peft
 
-from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_synthetic_gguf
+from tiny_models import SYNTH, build_tiny_model, load_tokenizer, write_out, write_synthetic_gguf
 
 V, D = 60, 8
 
@@ -139,10 +139,7 @@ def with_embeddings(tmp_path, tied: bool) -> tuple:
         writer.add_tensor(t.name, np.array(t.data))
     for name, x in extra.items():
         writer.add_tensor(name, x.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_out(writer)
     return dst, extra
 
 
@@ -186,10 +183,7 @@ def test_checker_refuses_a_token_embd_pair_in_linear_layout(tmp_path):
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
     w.add_tensor("token_embd.weight.lora_a", np.zeros((4, hidden), np.float32))  # linear layout: wrong here
     w.add_tensor("token_embd.weight.lora_b", np.zeros((V, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     with pytest.raises(EoraError, match="incorrect shape"):
         check_gguf_lora(writer_path, base)
 

@@ -17,19 +17,13 @@ from eora_gguf.naming import NameMap, arch_enum, model_dims
 def _quantized_gguf(hf_dir, path, qtype=gguf.GGMLQuantizationType.Q4_0):
     """Every HF parameter in a GGUF under llama.cpp's names (linears quantized to `qtype`, Q/K rows permuted as the
     converter does), with the metadata our reader checks: enough for the torch reconstruction, no llama.cpp."""
-    from tiny_models import hf_state
+    from tiny_models import hf_state, model_writer, write_out
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     dims = model_dims(cfg)
     names = NameMap(dims)
     tmap = gguf.get_tensor_name_map(arch_enum(dims.arch), dims.n_layers)
-    w = gguf.GGUFWriter(path, dims.arch)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_block_count(dims.n_layers)
-    w.add_embedding_length(dims.hidden)
-    w.add_head_count(dims.n_head)
-    w.add_head_count_kv(dims.n_head_kv)
-    w.add_feed_forward_length(dims.ffn)
+    w = model_writer(path, dims)
     for hf_name, value in hf_state(hf_dir).items():
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         module = hf_name.removesuffix(".weight")
@@ -38,10 +32,7 @@ def _quantized_gguf(hf_dir, path, qtype=gguf.GGMLQuantizationType.Q4_0):
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         else:
             w.add_tensor(gname, value.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 

@@ -18,7 +18,7 @@ from eora_gguf.errors import EoraError
 from eora_gguf.naming import INPUT_GROUPS, NameMap, model_dims
 from eora_gguf.stats import CalibrationStats
 
-from tiny_models import _WORDS, SYNTH
+from tiny_models import _WORDS, SYNTH, write_out
 
 SITES = ("attn_in", "o_in", "mlp_in", "down_in")  # one per INPUT_GROUPS entry
 
@@ -117,10 +117,7 @@ def _write_gguf(path: Path, kv: dict, tensors: dict[str, np.ndarray]) -> Path:
             w.add_uint32(key, value)
     for name, data in tensors.items():
         w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return path
 
 

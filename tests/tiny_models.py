@@ -115,11 +115,28 @@ def write_gguf_copy(src: Path, dst: Path, replace: Mapping[str, np.ndarray]) -> 
             writer.add_tensor(t.name, np.array(t.data))
         else:
             writer.add_tensor(t.name, np.array(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    write_out(writer)
+    return dst
+
+
+def model_writer(path: Path, dims, arch: str | None = None) -> gguf.GGUFWriter:
+    """A GGUFWriter for a model GGUF with the size keys llama.cpp's loader reads (naming.ModelDims `dims`)."""
+    writer = gguf.GGUFWriter(path, arch or dims.arch)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_block_count(dims.n_layers)
+    writer.add_embedding_length(dims.hidden)
+    writer.add_head_count(dims.n_head)
+    writer.add_head_count_kv(dims.n_head_kv)
+    writer.add_feed_forward_length(dims.ffn)
+    return writer
+
+
+def write_out(writer: gguf.GGUFWriter) -> None:
+    """Header, key-values and tensors to the file, then close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return dst
 
 
 SYNTH = dict(model_type="llama", num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
@@ -139,13 +156,7 @@ def write_synthetic_gguf(path: Path, config: Mapping[str, object] = SYNTH, *, se
     dims = model_dims(dict(config))
     names = NameMap(dims)
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(path, arch or dims.arch)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_block_count(dims.n_layers)
-    writer.add_embedding_length(dims.hidden)
-    writer.add_head_count(dims.n_head)
-    writer.add_head_count_kv(dims.n_head_kv)
-    writer.add_feed_forward_length(dims.ffn)
+    writer = model_writer(path, dims, arch)
     weights: dict[str, np.ndarray] = {}
     for bid in range(dims.n_layers):
         for module in LINEAR_MODULES:
@@ -161,9 +172,86 @@ def write_synthetic_gguf(path: Path, config: Mapping[str, object] = SYNTH, *, se
                 data = gguf.quants.quantize(w, qtype)
                 writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         writer.add_tensor(f"blk.{bid}.attn_norm.weight", np.ones(dims.hidden, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_out(writer)
     return weights
 
+
+# Streaming models: six small architectures whose layers change the hidden state a lot (calibration and
+# walker tests), with 5 x 24 token ids from a 96-token vocabulary.
+STREAM_VOCAB, SAMPLES, SEQLEN = 96, 5, 24
+STREAM_ARCHS = ("llama", "qwen2", "gemma3", "mistral", "qwen3", "gemma2")
+STREAM_DIMS = dict(vocab_size=STREAM_VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def stream_config(arch: str, **over):
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if arch == "llama":
+        return LlamaConfig(**STREAM_DIMS, tie_word_embeddings=False, **over)
+    if arch == "qwen2":  # q/k/v with bias, tied embeddings
+        return Qwen2Config(**STREAM_DIMS, tie_word_embeddings=True, **over)
+    if arch == "mistral":  # sliding window on every layer
+        return MistralConfig(**STREAM_DIMS, sliding_window=8, **over)
+    if arch == "qwen3":  # q/k norms
+        return Qwen3Config(**STREAM_DIMS, head_dim=12, **over)
+    if arch == "gemma2":  # alternating sliding/global, logit soft-capping
+        return Gemma2Config(**STREAM_DIMS, head_dim=12, sliding_window=6, query_pre_attn_scalar=12, **over)
+    if arch == "gemma3":  # sliding + global layers, per-type rotary, q/k norms, scaled embeddings
+        kw = dict(head_dim=12, sliding_window=6, layer_types=["sliding_attention", "full_attention",
+                                                               "sliding_attention"], query_pre_attn_scalar=12)
+        kw.update(over)
+        return Gemma3TextConfig(**STREAM_DIMS, **kw)
+    raise ValueError(arch)
+
+
+def make_stream_model(arch: str, seed: int = 0, **over):
+    """A tiny random model whose layers change the hidden state a lot (std 0.15 weights, not 0.02)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(stream_config(arch, **over), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "proj" in name:
+                p.normal_(0, 0.15)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5) if not arch.startswith("gemma") else p.uniform_(-0.5, 0.5)
+    return model
+
+
+def full_forward(model_dir, ids, overrides=None):
+    """Oracle: the plain full model; last decoder layer output and float64 Σxxᵀ of every linear's input."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if overrides:
+        with torch.no_grad():
+            for name, w in overrides.items():
+                model.get_submodule(name).weight.copy_(w)
+    covs, last, hooks = {}, {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            def hook(m, args, out, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                covs[name] = covs.get(name, 0) + x.T @ x
+            hooks.append(mod.register_forward_hook(hook))
+    hooks.append(model.model.layers[-1].register_forward_hook(
+        lambda m, a, o: last.__setitem__("h", o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        model(ids)
+    return last["h"], covs
+
+
+def random_factors(base_weights: dict[str, np.ndarray], rank,
+                   seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Random (B, A) per weight: B ~ 0.1 N(0, 1) (n_out, r), A ~ 0.01 N(0, 1) (r, n_in); rank: one int or a list
+    cycled over the weights."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, (name, w) in enumerate(base_weights.items()):
+        r = rank[i % len(rank)] if isinstance(rank, list) else rank
+        out[name] = (rng.standard_normal((w.shape[0], r)) * 0.1, rng.standard_normal((r, w.shape[1])) * 0.01)
+    return out

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from eora_gguf import assets, evaluate, finetune
-from eora_gguf.errors import atomic_output
+from eora_gguf.errors import write_json
 
 
 def main() -> int:
@@ -78,8 +78,7 @@ def main() -> int:
         res = evaluate.evaluate(base, lora=[lora] if lora else [], task_names=[args.task], limit=args.limit)
         result["accuracy"][label] = {"adapter": lora.name if lora else None, **res["tasks"][args.task]}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    with atomic_output(args.output) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output}")
     return 0
 

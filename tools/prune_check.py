@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from eora_gguf import assets, hf_model
-from eora_gguf.errors import atomic_output
+from eora_gguf.errors import write_json
 from eora_gguf.prune import Sparsity, nm_violations
 
 
@@ -84,8 +84,7 @@ def main() -> int:
         result["runs"]["dense"] = {"command": "eora-gguf " + " ".join(cmd), "summary": _run(cmd, summary)}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["torch_threads"] = torch.get_num_threads()
-    with atomic_output(args.output) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output}")
     return 0
 

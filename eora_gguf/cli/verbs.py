@@ -157,10 +157,7 @@ def cmd_compensate(args: argparse.Namespace) -> dict:
         allow_mismatch=args.allow_mismatch, embeddings=args.embeddings,
         embedding_smoothing=args.embedding_smoothing, solver=args.solver, device=args.device,
         resume=args.resume and not args.budget)
-    out = report.as_dict()
-    if args.verbose:
-        out["per_tensor"] = report.tensors
-    return out
+    return _report_dict(report, args.verbose)
 
 
 def cmd_prune(args: argparse.Namespace) -> dict:
@@ -195,10 +192,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
     check_output(args.output, inputs=[args.gguf, args.solution])
     report = compensate.adapt(args.solution, args.gguf, args.output, args.budget, adapter_type=args.adapter_type,
                               peft_dir=args.peft, hf_dir=args.hf)
-    out = report.as_dict()
-    if args.verbose:
-        out["per_tensor"] = report.tensors
-    return out
+    return _report_dict(report, args.verbose)
 
 
 def cmd_validate(args: argparse.Namespace) -> dict:
@@ -342,6 +336,14 @@ def cmd_report(args: argparse.Namespace) -> dict:
             check_output(out / name, inputs=[args.sweep])
     return write_report(load_sweep(args.sweep), args.output, title=args.title)
 
+
+
+def _report_dict(report, verbose: bool) -> dict:
+    """A compensation report as the verb's result; --verbose adds the per-tensor rows."""
+    out = report.as_dict()
+    if verbose:
+        out["per_tensor"] = report.tensors
+    return out
 
 def is_main() -> bool:
     from .. import distributed
