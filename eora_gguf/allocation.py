@@ -6,7 +6,7 @@ header padding are a fixed overhead counted once. `allocate` maximises Σ_t valu
 (type, rank) per tensor, rank 0 = not adapted): a multiple-choice knapsack. We walk the Lagrangian path: every
 tensor's options reduced to their upper concave hull in (bytes, value), all hull steps taken in order of value per
 byte while they fit. Each point on that path maximises Σ value - λ·Σ bytes for some λ, so it is optimal among all
-choices of at most its own bytes (tests/test_budget.py checks this against brute force); the remaining bytes (less
+choices of at most its own bytes (tests/test_allocation.py checks this against brute force); the remaining bytes (less
 than one hull step) are then filled greedily by the largest single upgrades that fit, and the LP bound (the path
 continued fractionally) is reported, so the distance to the true optimum is known: for real models it is well under
 1% of the value.
