@@ -39,6 +39,8 @@ from typing import Any
 
 import gguf
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from . import adapter as adapter_io
 from .errors import EoraError, atomic_output
@@ -215,8 +217,6 @@ class Solution:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """safetensors: <name>.b, .a, .gains, .obj.<dtype>; arch/meta/weights as JSON metadata; atomic."""
-        from safetensors.numpy import save_file
-
         arrays: dict[str, np.ndarray] = {}
         for name, t in self.tensors.items():
             arrays[f"{name}.b"], arrays[f"{name}.a"] = np.ascontiguousarray(t.b), np.ascontiguousarray(t.a)
@@ -231,8 +231,6 @@ class Solution:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Solution:
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="numpy") as fh:
                 raw = (fh.metadata() or {}).get("eora_solution")

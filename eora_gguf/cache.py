@@ -5,8 +5,13 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import EoraError
 
 
 def cache_dir() -> Path:
@@ -43,11 +48,6 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 
 def pip_download(name: str, version: str, filename: str, sha256: str, *, source: bool = False) -> Path:
     """Fetch one pinned distribution file with pip into `<cache>/downloads` (once) and verify its sha256."""
-    import subprocess
-    import sys
-    import tempfile
-
-    from .errors import EoraError
 
     dest_dir = cache_dir() / "downloads"
     dest = dest_dir / filename

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import assets
 from .errors import EoraError
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def resolve_sources(spec: str) -> list[Source]:
         elif path.suffix in (".txt", ".jsonl", ".gz") or "/" in name or os.sep in name:
             raise EoraError(f"calibration file {name} does not exist: check the path in --calib")
         else:
-            from . import assets  # lazy: it may fetch the data set on first use
-
             sources.append(Source(name, Path(assets.data_file(name)), weight))
     return sources
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from . import distributed
 from .errors import EoraError
@@ -79,8 +81,6 @@ class Checkpoint:
     def save_layer(self, layer: int, factors: dict[str, tuple[np.ndarray, np.ndarray]],
                    rows: dict[str, dict[str, Any]], hidden: list[torch.Tensor] | None) -> None:
         """Record decoder layer `layer` as finished: its factors and rows (rank 0), the next layer's inputs."""
-        from safetensors.numpy import save_file
-
         if distributed.is_main():
             self.dir.mkdir(exist_ok=True)  # made when the first layer is done: a run failing before leaves nothing
         distributed.barrier()
@@ -105,8 +105,6 @@ class Checkpoint:
 
     def load_layers(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, dict[str, Any]]]:
         """Factors and report rows of every finished layer."""
-        from safetensors import safe_open
-
         factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         rows: dict[str, dict[str, Any]] = {}
         for layer in range(self.done):

@@ -44,10 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import eora
 from .errors import EoraError, atomic_output
 from .gguf_io import GGUFModel
+from .hf_model import tensor_files
+from .walker import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +108,6 @@ class EmbeddingStats:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """safetensors (counts, head_cov_sum) + n_tokens as metadata; atomic."""
-        from safetensors.torch import save_file
-
         tensors = {"counts": self.counts.contiguous()}
         if self.head_cov_sum is not None:
             tensors["head_cov_sum"] = self.head_cov_sum.contiguous()
@@ -114,8 +116,6 @@ class EmbeddingStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EmbeddingStats:
-        from safetensors import safe_open
-
         if not Path(path).is_file():
             raise EoraError(f"embedding statistics {path} do not exist: calibrate with embeddings first")
         with safe_open(str(path), framework="pt") as fh:
@@ -152,8 +152,6 @@ def collect(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, hidden: 
             ) -> EmbeddingStats:
     """EmbeddingStats from calibration ids (samples, seqlen) and `calibration.stream`'s last hidden states
     (samples, seqlen, d), which are taken before the final norm: the model's own norm is applied here."""
-    from .walker import StreamedModel
-
     sm = StreamedModel(model_dir)
     n_vocab = sm.config.get_text_config().vocab_size
     counts = token_counts(input_ids, n_vocab)
@@ -239,8 +237,6 @@ def hf_module(gguf_name: str, hf_prefix: str = "model.") -> str:
 
 def hf_weight(files: dict[str, Path], gguf_name: str, hf_prefix: str = "model.") -> torch.Tensor:
     """The HF checkpoint's (V, d) matrix for token_embd/output (a tied lm_head reads embed_tokens)."""
-    from safetensors import safe_open
-
     key = hf_module(gguf_name, hf_prefix) + ".weight"
     if key not in files and gguf_name == OUTPUT:
         key = hf_module(TOKEN_EMBD, hf_prefix) + ".weight"
@@ -262,8 +258,6 @@ def solve_gguf(hf_dir: str | os.PathLike[str], base: GGUFModel, stats: Embedding
     A vocabulary the converter trimmed is solved on the GGUF's rows (the first V of the HF matrix). A tensor the
     GGUF stores without error is skipped (the demo SmolLM2's original embedding was Q8_0 already).
     """
-    from .hf_model import tensor_files
-
     files = tensor_files(hf_dir)
     solutions: dict[str, Solution] = {}
     rows: dict[str, dict[str, float | str]] = {}

@@ -32,12 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import adapter as adapter_io
-from . import peft
+from . import peft, tasks
+from .compensate import compensate
 from .errors import EoraError, staged_outputs
 from .gguf_io import open_gguf
+from .hf_model import load_config, load_tokenizer
 from .naming import LINEAR_MODULES, NameMap
+from .reconstruct import build_model
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,6 @@ class Example:
 
 def load_examples(data: str) -> list[Example]:
     """(prompt, answer) pairs of a training spec (see the module docstring)."""
-    from . import tasks
-
     if data in tasks.TASKS:
         if data not in TRAIN_TASKS:
             raise EoraError(f"--data {data}: that file is an evaluation (test) split; train on one of "
@@ -138,8 +140,6 @@ def _heldout_loss(model, rows: list[tuple[list[int], int]], pad: int, device: to
 def _init_factors(init: str, hf_dir: Path, gguf_path: Path, *, rank: int, calib: str, samples: int, seqlen: int,
                   tokenizer) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """GGUF name -> (B, A) in GGUF row order for "eora" or an adapter file; None for "lora"."""
-    from .compensate import compensate
-
     if init == "lora":
         return None
     if init == "eora":
@@ -169,9 +169,6 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
     device: torch device (default: CUDA if present).
     """
     from peft import LoraConfig, get_peft_model
-
-    from .hf_model import load_config, load_tokenizer
-    from .reconstruct import build_model
 
     hf, base_path = Path(hf_dir), Path(gguf_path)
     for name, value, lo in (("steps", steps, 1), ("rank", rank, 1), ("batch size", batch_size, 1),
@@ -310,8 +307,6 @@ def _read_factors(model, names: NameMap) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def _progress(total: int):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="finetune", unit="step", disable=not sys.stderr.isatty())
 
 

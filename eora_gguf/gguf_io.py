@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,6 @@ def _int_or_none(value: Any) -> int | None:
 
 def _gguf_version() -> str:
     try:
-        from importlib.metadata import version
         return version("gguf")
     except Exception:
         return "?"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from . import calib_data
 from .errors import EoraError
@@ -51,8 +52,6 @@ def check_model_folder(model_dir: str | os.PathLike[str], *, tokenizer: bool = T
     checkpoint exists, every file is complete and lists every shard; the sizes in config.json agree with the
     weights (vocabulary, hidden size, layers, MLP width); with `tokenizer`, that tokenizer files are there.
     """
-    from safetensors import safe_open
-
     d = Path(model_dir)
     if not d.exists():
         raise EoraError(f"HF model folder {d} does not exist")
@@ -123,8 +122,6 @@ def _check_sizes(d: Path, text: dict[str, Any], shapes: dict[str, list[int]]) ->
 
 def tensor_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Checkpoint tensor name -> safetensors file (single file or sharded with an index)."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -152,8 +149,6 @@ def tensor_files(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
@@ -168,8 +163,6 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
 def model_identity(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies a model for its statistics: architecture, sizes, a hash of config.json (volatile keys
     dropped), and a hash of the tensor names/shapes plus the first rows of one layer-0 weight."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     cfg = read_config_json(model_dir)
     text_cfg = cfg.get("text_config", cfg)

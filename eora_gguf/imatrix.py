@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from .errors import EoraError, atomic_output
+from .llama_tools import _perplexity_args, run_tool
 from .naming import NameMap
 from .stats import CalibrationStats
 
@@ -191,8 +192,6 @@ def llama_imatrix_windows(llama, model: str | os.PathLike[str], text: str | os.P
     file of about chunks*ctx*n_vocab bytes); feeding these windows to `calibration.stream` gives statistics over
     exactly llama-imatrix's tokens.
     """
-    from .llama_tools import _perplexity_args, run_tool
-
     args = _perplexity_args(llama, model, text, lora=(), ctx=ctx, chunks=chunks, threads=threads)
     with tempfile.TemporaryDirectory(prefix="eora-tokens-") as tmp_dir:
         tmp = Path(tmp_dir) / "logits.bin"

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import EoraError, atomic_output
 from .llamacpp import LlamaCpp, last_error_line
 
@@ -142,8 +144,6 @@ def read_logprobs_file(path: str | os.PathLike[str]) -> tuple[Any, Any]:
     then the log-probs coded as min + scale*q (clamped below at the row's max logit - 16).
     tokens: (n_chunk, n_ctx) int64; logprobs: (n_chunk*(n_ctx-1-n_ctx//2), n_vocab) float64.
     """
-    import numpy as np
-
     raw = Path(path).read_bytes()
     if raw[:8] != b"_logits_" or len(raw) < 20:
         raise EoraError(f"{path} is not a llama-perplexity --kl-divergence-base file")

@@ -10,6 +10,7 @@ built with CMake into `<cache>/llama.cpp-<commit>/build`; a stamp file marks a f
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -267,8 +268,6 @@ def _native_sources() -> list[Path]:
 
 def patch_hash() -> str:
     """Short hash of the patch and the native sources: names the patched build's cache folder."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in _native_sources():
         h.update(str(p.relative_to(_NATIVE_DIR)).encode() + b"\0" + p.read_bytes() + b"\0")

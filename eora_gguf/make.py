@@ -25,8 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, llama_tools, llamacpp
+from . import __version__, compensate, imatrix, llama_eval, llama_tools, llamacpp, serve
+from .budget import Budget
 from .errors import EoraError, atomic_output, check_output
+from .hf_model import load_config, model_identity
+from .info import describe
+from .naming import NameMap
+from .solver import check_rank
+from .stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +110,6 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
          chunks: int | None = 16, threads: int | None = None, port: int = 8080,
          prompt: str = "The capital of France is", force: bool = False, verbose: bool = False) -> dict:
     """Run every step (see the module docstring); returns the content of make.json plus `seconds` and `output`."""
-    from . import compensate, imatrix, serve
-    from .budget import Budget
-    from .hf_model import load_config, model_identity
-    from .naming import NameMap
-    from .solver import check_rank
-    from .stats import CalibrationStats
-
     t0 = time.perf_counter()
     if not calibs:
         raise EoraError("give at least one --calib [NAME=]SPEC")
@@ -206,8 +205,6 @@ def make(hf_dir: Path, out_dir: Path, *, quant: str, calibs: Sequence[CalibSpec]
 
 def _adapter_entry(c: CalibSpec, path: Path, peft: bool) -> dict:
     """What make.json says of one adapter: read back from the file (so a reused adapter is described alike)."""
-    from .info import describe
-
     d = describe(path)
     return {"name": c.name, "calib": c.spec, "file": path.name, "bytes": d["bytes"], "pairs": d["pairs"],
             "rank_min": d["rank_min"], "rank_max": d["rank_max"], "rank_mean": d["rank_mean"],
@@ -218,8 +215,6 @@ def _measure(llama: llamacpp.LlamaCpp, f16: Path, base: Path, adapters: dict[str
              steps: Steps, *, ctx: int, chunks: int | None, threads: int | None, verbose: bool) -> dict:
     """KL divergence to the F16 model, top-1 agreement and perplexity over `text`: the base alone and with each
     adapter (llama_eval's libllama client, llama-perplexity's chunks), cached in work/measured.json."""
-    from . import llama_eval
-
     ref_file, ref = llama_eval.kld_base(llama, f16, text, ctx=ctx, chunks=chunks, threads=threads,
                                         cache=work / "kld", verbose=verbose)
     cache_file = work / "measured.json"

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from .adapter import Factors, check_pair
 from .embedding import EMBEDDING_TENSORS, TOKEN_EMBD, hf_module
@@ -33,8 +34,6 @@ def write_peft(out_dir: str | os.PathLike[str], factors: Factors, names: NameMap
     `.lora_B.weight` (out, r). lora_alpha = r (the most common rank); other ranks go in rank_pattern with an
     equal alpha_pattern entry, so every module's scale alpha/r is 1.
     """
-    from safetensors.numpy import save_file
-
     if not factors:
         raise EoraError("no adapter tensors to write: the rank or the module selection left nothing")
     out = Path(out_dir)

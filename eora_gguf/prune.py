@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import calib_data, calibration
 from .errors import EoraError, staged_outputs
@@ -224,9 +226,6 @@ def prune_model(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 def _write_folder(src: Path, out: Path, files: dict[str, Path], pruned: dict[str, torch.Tensor],
                   extra: list[Path]) -> None:
     """The source folder's other files as they are, and every shard with the pruned tensors replaced."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     for p in extra:
         if p.is_dir():
             shutil.copytree(p, out / p.name)

@@ -27,9 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapter import read_gguf_lora
 from .embedding import EMBEDDING_TENSORS, hf_module
 from .errors import EoraError
 from .gguf_io import GGUFModel, check_matches, open_gguf
+from .hf_model import load_config
+from .llama_tools import token_logprobs
 from .naming import NameMap, arch_enum
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,6 @@ def build_model(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str
     and W + scale·B A on each linear the GGUF LoRA `adapter` covers. Eager attention, eval mode, `dtype`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .hf_model import load_config
 
     config = load_config(hf_dir)
     names = NameMap.from_config(config)
@@ -109,8 +110,6 @@ def _gguf_parameters(model: nn.Module, base: GGUFModel, names: NameMap, tmap: gg
 
 def _add_adapter(values: dict[str, torch.Tensor], adapter: str | os.PathLike[str], names: NameMap, *,
                  base_arch: str) -> None:
-    from .adapter import read_gguf_lora
-
     info, factors = read_gguf_lora(adapter)
     if info.arch != base_arch:
         raise EoraError(f"{Path(adapter).name} is a {info.arch} adapter, the base is {base_arch}")
@@ -203,8 +202,6 @@ def check_logits(llama: Any, hf_dir: str | os.PathLike[str], gguf_path: str | os
     "adapter_effect": compare(llama, llama+A) — how far the adapter moves llama.cpp's output, the scale the
     agreement error must be far below — and "adapter_vs_torch_base": compare(llama+A, torch base)}.
     """
-    from .llama_tools import token_logprobs
-
     work = Path(workdir)
     result: dict[str, Any] = {"gguf": str(gguf_path), "adapter_file": str(adapter) if adapter else None,
                               "ctx": ctx, "chunks": chunks, "dtype": str(dtype).replace("torch.", "")}

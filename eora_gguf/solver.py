@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from . import budget as budget_mod
 from . import calib_data, calibration, checkpoint, distributed, eora, fast_solve
@@ -71,8 +73,6 @@ def check_same_model(hf_dir: str | os.PathLike[str], base: GGUFModel, names: Nam
     the first `rows` dequantized rows of a few weights against the HF weights. NaN/Inf in either is refused too.
     Returns the largest relative error seen.
     """
-    from safetensors import safe_open
-
     files = tensor_files(hf_dir)
     n_layers = names.dims.n_layers
     worst = 0.0
@@ -105,8 +105,6 @@ def check_same_model(hf_dir: str | os.PathLike[str], base: GGUFModel, names: Nam
 
 
 def gguf_quants_dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
-    import gguf
-
     try:
         return gguf.quants.dequantize(raw, qtype)
     except NotImplementedError:
@@ -134,8 +132,6 @@ class LayerSolver:
         self.want_weights = True  # the compensated weights `layer` returns (only the sequential mode uses them)
 
     def _hf_weight(self, module: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         key = f"{module}.weight"
         path = self.files.get(key)
         if path is None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import EoraError, atomic_output
 from .hf_model import model_identity
@@ -60,8 +62,6 @@ class CalibrationStats:
         """Write as safetensors (one float64 tensor per site; the rest as JSON metadata), atomically.
 
         inputs: files and folders `path` must not be, nor lie in (the model's folder)."""
-        from safetensors.torch import save_file
-
         tensors = {site: cov.contiguous() for site, cov in self.covariances.items()}
         metadata = {
             "format": FORMAT, "version": FORMAT_VERSION,
@@ -76,8 +76,6 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationStats:
-        from safetensors import safe_open
-
         if not Path(path).is_file():
             raise EoraError(f"calibration statistics {path} do not exist: run calibration first")
         try:

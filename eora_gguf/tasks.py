@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import assets
 from .errors import EoraError
 
 # Task name -> (kind, data file name in assets, split shown in reports). The test splits are the full sets
@@ -51,8 +52,6 @@ def parse_tasks(spec: str) -> list[str]:
 
 def load_items(name: str, *, limit: int | None = None, path: str | Path | None = None) -> list:
     """The task's items (MCItem for multiple choice; dicts with question/short_answer for gsm8k), first `limit`."""
-    from . import assets
-
     kind, data, _ = TASKS[name]
     file = Path(path) if path else assets.data_file(data)
     rows = [json.loads(ln) for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -134,7 +133,5 @@ def gsm8k_metrics(items: Sequence[dict], generations: Sequence[str]) -> dict:
 
 
 def gsm8k_shots() -> list[dict]:
-    from . import assets
-
     rows = assets.data_file("gsm8k").read_text(encoding="utf-8").splitlines()
     return [json.loads(r) for r in rows[:GSM8K_SHOTS]]

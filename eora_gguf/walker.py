@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import EoraError
 from .hf_model import read_config_json, read_tensors, tensor_files
@@ -237,8 +238,6 @@ def _apply_weights(ctx: LayerContext, weights: dict[str, torch.Tensor]) -> None:
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="layer", disable=not sys.stderr.isatty())
 
 
