@@ -42,6 +42,12 @@ def scale_options(sp: argparse.ArgumentParser, *, solver: bool = True) -> None:
                              "that)")
 
 
+def adapter_outputs(sp: argparse.ArgumentParser, adapter_type: str, type_help: str, peft_help: str) -> None:
+    """--adapter-type (default `adapter_type`) and --peft DIR of a verb that writes an adapter."""
+    sp.add_argument("--adapter-type", default=adapter_type, help=type_help)
+    sp.add_argument("--peft", metavar="DIR", help=peft_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging and tool output")
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=64, help="EoRA init calibration samples (default 64)")
     sp.add_argument("--calib-seqlen", type=int, default=512, help="EoRA init calibration sample length (default "
                                                                   "512)")
-    sp.add_argument("--adapter-type", default="f16", help="f16 (default), f32, q8_0, ...")
-    sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder")
+    adapter_outputs(sp, "f16", "f16 (default), f32, q8_0, ...", "also write a PEFT adapter folder")
     sp.add_argument("--log", metavar="LOG.json", help="write the per-step loss log here")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
@@ -188,9 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--solution", required=True, metavar="SOLUTION.safetensors")
     sp.add_argument("--gguf", required=True, metavar="BASE.gguf", help="the quantized GGUF it was solved against")
     sp.add_argument("--budget", required=True, metavar="SPEC", help="95MB, 95MiB, 5.8bpw or adapter:6MB")
-    sp.add_argument("--adapter-type", default="auto", help="auto (default) or one of f16, q8_0, q5_1, q5_0, q4_1, "
-                                                           "q4_0")
-    sp.add_argument("--peft", metavar="DIR", help="also write a PEFT adapter folder (needs --hf)")
+    adapter_outputs(sp, "auto", "auto (default) or one of f16, q8_0, q5_1, q5_0, q4_1, q4_0",
+                    "also write a PEFT adapter folder (needs --hf)")
     sp.add_argument("--hf", metavar="HF_DIR", help="the original HF model (for --peft)")
     sp.add_argument("-o", "--output", required=True, metavar="ADAPTER.gguf")
 
