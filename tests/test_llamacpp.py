@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from eora_gguf import llama_eval, llamacpp
+from eora_gguf import llama_eval, llama_tools, llamacpp
 from eora_gguf.cli import main
 from eora_gguf.errors import EoraError, atomic_output
 
@@ -65,7 +65,7 @@ def test_quantize_q2_k_and_legacy_types(tiny_gguf, llama, tmp_path):
     f16 = tiny_gguf("llama")
     for qtype, expect in (("Q2_K", gguf.GGMLQuantizationType.Q2_K), ("Q4_0", gguf.GGMLQuantizationType.Q4_0),
                           ("IQ4_XS", gguf.GGMLQuantizationType.IQ4_XS)):
-        out = llamacpp.quantize(llama, f16, tmp_path / f"{qtype}.gguf", qtype)
+        out = llama_tools.quantize(llama, f16, tmp_path / f"{qtype}.gguf", qtype)
         types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
         assert types["blk.0.ffn_gate.weight"] == expect
 
@@ -84,7 +84,7 @@ def test_perplexity_runs_on_quantized_tiny_model(tiny_gguf, llama, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
     for qtype in ("Q4_0", "Q4_K_M"):
-        q = llamacpp.quantize(llama, tiny_gguf("llama"), tmp_path / f"{qtype}.gguf", qtype)
+        q = llama_tools.quantize(llama, tiny_gguf("llama"), tmp_path / f"{qtype}.gguf", qtype)
         res = llama_eval.text_eval(llama, q, text=text, ctx=128, chunks=2, threads=2)
         assert np.isfinite(res.ppl) and res.ppl > 1, qtype
 
