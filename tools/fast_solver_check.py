@@ -55,19 +55,18 @@ def main() -> int:
         res = json.loads(out.read_text())
         return {"ppl": res["perplexity"]["ppl"], "ppl_stderr": res["perplexity"]["stderr"],
                 "kld": res["divergence"]["kld"], "kld_stderr": res["divergence"]["kld_stderr"],
-                "scored_tokens": res["perplexity"]["scored_tokens"]}
+                "scored_tokens": res["perplexity"]["scored_tokens"], "ppl_f16": res["divergence"]["ppl_reference"]}
 
     rows = {"base": measure(None, "base")}
     for solver in ("exact", "fast"):
         adapter = work / f"fsc-{args.quant}-r{args.rank}-{solver}.gguf"
         res = _cli(["compensate", "--hf", run["hf_dir"], "--gguf", str(base), "--stats", str(stats), "--rank",
                     str(args.rank), "--solver", solver, "--device", "cpu", "-o", str(adapter)])
-        rows[solver] = {**measure(adapter, solver), "compensate_seconds": res.get("seconds"),
-                        "solver": res.get("solver")}
+        rows[solver] = {**measure(adapter, solver), "compensate_seconds": res.get("seconds")}
     rel = rows["fast"]["ppl"] / rows["exact"]["ppl"] - 1.0
     out = {"tool": "tools/fast_solver_check.py", "command": " ".join(sys.argv), "model": run["model_name"],
            "quant": base_row["quant"], "base": str(base), "rank": args.rank, "calib_samples": args.samples,
-           "calib": run["calib"], "eval_text": run["text"], "chunks": args.chunks, "ppl_f16": run["ppl_f16"],
+           "calib": run["calib"], "eval_text": run["text"], "chunks": args.chunks, "ppl_f16": rows["base"]["ppl_f16"],
            "rows": rows, "fast_vs_exact_ppl": rel, "within_half_percent": abs(rel) <= 0.005,
            "wall_s": round(time.perf_counter() - t0, 1)}
     with atomic_output(Path(args.json)) as tmp:
