@@ -216,8 +216,8 @@ class _Solver:
             raise EoraError(f"{gname}: the HF or GGUF weight holds NaN/Inf: check both model files")
         cov = stats.covariance(module).to(self.device) if self.method != "svd" else None
         rank = self.rank if self.budget_types is None else min(self.rank, *dw.shape)
-        b, a = fast_solve.solve(self.method, dw, cov, rank, name=gname, eig_floor=self.eig_floor,
-                                solver=self.solver)
+        b, a, gains = fast_solve.solve_with_gains(self.method, dw, cov, rank, name=gname, eig_floor=self.eig_floor,
+                                                  solver=self.solver)
         c = cov if cov is not None else stats.covariance(module).to(self.device)
         w = w.to(self.device)
         tsol = None
@@ -225,7 +225,7 @@ class _Solver:
             # a weight the fast path solves: the exact traces would cost a full product each, more than the solve;
             # Hutch++ estimates them (within ~1% here), and e(BA) = tr(G) - Σ gains holds exactly for these factors
             before = fast_solve.trace_estimate(dw, c)[0]
-            after = before - float(eora.component_gains(a, c).sum())
+            after = before - float((eora.component_gains(a, c) if gains is None else gains).sum())
             ref = fast_solve.trace_estimate(w, c)[0]
         else:
             before = float(((dw @ c) * dw).sum())
