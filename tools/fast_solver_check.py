@@ -71,8 +71,9 @@ def main() -> int:
            "wall_s": round(time.perf_counter() - t0, 1)}
     with atomic_output(Path(args.json)) as tmp:
         tmp.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"perplexity: base {rows['base']['ppl']:.3f}, exact {rows['exact']['ppl']:.3f}, fast {rows['fast']['ppl']:.3f} "
-          f"({100 * rel:+.3f}%); KLD exact {rows['exact']['kld']:.4f}, fast {rows['fast']['kld']:.4f}")
+    print(f"perplexity: base {rows['base']['ppl']:.3f}, exact {rows['exact']['ppl']:.3f}, "
+          f"fast {rows['fast']['ppl']:.3f} ({100 * rel:+.3f}%); "
+          f"KLD exact {rows['exact']['kld']:.4f}, fast {rows['fast']['kld']:.4f}")
     return 0
 
 
