@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ SOLVERS = ("auto", "exact", "fast")
 FAST_MIN_DIM = 2048   # auto: the fast path for weights whose smaller side exceeds this (exact eigh is cheap below)
 FAST_MAX_RANK_SHARE = 8  # ... and whose rank is at most min(d_out, d_in) / this (else the Krylov space is near d)
 EPS = 1e-2  # certified relative excess of the objective over the optimum
+OVERSAMPLE = 16  # block size k = rank + this (measured on the Llama-3-8B shapes: larger blocks need more columns)
 PROBES = 8   # Gaussian probes of the trace outside the Krylov space
 PROBE_X = math.log(1e6)  # their lower bound on that trace fails with probability ≤ e^-x = 1e-6
 
@@ -72,6 +74,7 @@ class Certificate:
     columns: int          # Krylov space size m
     blocks: int
     certified: bool
+    gains: torch.Tensor | None = None  # (r,) each component's exact objective drop for the true C (see `solve`)
 
     @property
     def rel_excess_bound(self) -> float:
@@ -96,18 +99,30 @@ def solve(method: str, delta_w: torch.Tensor, cov: torch.Tensor | None, rank: in
           eig_floor: float = 1e-6, solver: str = "exact", eps: float = EPS,
           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`eora.solve` with a choice of solver: the exact one, or `fast_eora` where `use_fast` says so."""
+    return solve_with_gains(method, delta_w, cov, rank, name, eig_floor=eig_floor, solver=solver, eps=eps,
+                            seed=seed)[:2]
+
+
+def solve_with_gains(method: str, delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int,
+                     name: str | None = None, *, eig_floor: float = 1e-6, solver: str = "exact", eps: float = EPS,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`solve`, and for the fast `eora` path each component's exact objective drop a_i C a_iᵀ (else None:
+    `eora.component_gains` computes it). They come free from the certificate: its float64 Ritz values θ_i =
+    u_iᵀ ΔW (C + τI) ΔWᵀ u_i, so a_i C a_iᵀ = θ_i - τ‖a_i‖² — where `component_gains` would cost r·d_in²
+    (13 GMAC for a 4096 × 14336 weight at rank 64)."""
     if method not in exact.METHODS:
         raise exact.EoraError(f"unknown method {method!r}: choose one of {', '.join(exact.METHODS)}")
     if not use_fast(solver, tuple(delta_w.shape), rank):
-        return exact.solve(method, delta_w, cov, rank, name, eig_floor=eig_floor)
+        return (*exact.solve(method, delta_w, cov, rank, name, eig_floor=eig_floor), None)
     if method == "eora":
-        return fast_eora(delta_w, exact._need_cov(cov, method, name), rank, eig_floor=eig_floor, name=name,
-                         eps=eps, seed=seed)[:2]
+        b, a, cert = fast_eora(delta_w, exact._need_cov(cov, method, name), rank, eig_floor=eig_floor, name=name,
+                               eps=eps, seed=seed)
+        return b, a, cert.gains
     if method == "svd":
-        return fast_eora(delta_w, None, rank, eig_floor=eig_floor, name=name, eps=eps, seed=seed)[:2]
+        return (*fast_eora(delta_w, None, rank, eig_floor=eig_floor, name=name, eps=eps, seed=seed)[:2], None)
     c = exact._need_cov(cov, method, name)
-    return fast_eora(delta_w, torch.diagonal(torch.as_tensor(c)).clamp(min=0.0), rank, eig_floor=eig_floor,
-                     name=name, eps=eps, seed=seed, diagonal=True)[:2]
+    return (*fast_eora(delta_w, torch.diagonal(torch.as_tensor(c)).clamp(min=0.0), rank, eig_floor=eig_floor,
+                       name=name, eps=eps, seed=seed, diagonal=True)[:2], None)
 
 
 def fast_eora(delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int, *, eig_floor: float = 1e-6,
@@ -118,7 +133,7 @@ def fast_eora(delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int, *, eig
 
     cov: (d_in, d_in) C; (d_in,) its diagonal when `diagonal` (the `diag` method); None for C = I (`svd`).
     eps: the certified relative excess e(B A) ≤ (1 + eps)·e*. oversample: block size k = rank + oversample
-    (default max(16, rank // 2)). max_columns: the largest Krylov space before falling back to the exact
+    (default OVERSAMPLE). max_columns: the largest Krylov space before falling back to the exact
     solver (default min(d_out, max(6 k, 4 rank + 256))). trace: tr(ΔW C ΔWᵀ) if the caller has it (a tighter
     lower bound on the optimum). Works on whatever device the inputs are on.
     """
@@ -126,24 +141,31 @@ def fast_eora(delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int, *, eig
         dw = _matrix(delta_w, "delta_w", name)
         d_out, d_in = dw.shape
         exact._check_rank(rank, dw.shape, name)
-        apply_c = _c_operator(cov, d_in, eig_floor, name, diagonal)
-        k = rank + (oversample if oversample is not None else max(16, rank // 2))
-        k = min(k, d_out)
-        cap = min(d_out, max_columns if max_columns is not None else max(6 * k, 4 * rank + 256))
+        apply_c, half_c, tau = _c_operator(cov, d_in, eig_floor, name, diagonal)
+        p = oversample if oversample is not None else OVERSAMPLE
         gen = torch.Generator(device=dw.device).manual_seed(seed)
         dw32 = dw.to(torch.float32)
 
         def gram(y: torch.Tensor) -> torch.Tensor:  # G y = ΔW C ΔWᵀ y, in y's precision
             a = dw if y.dtype == torch.float64 else dw32
-            return a @ apply_c(a.T @ y)
+            return a @ apply_c(_t_mul(y, a))
+
+        def space(n: int) -> tuple[int, int]:  # (block size k, largest Krylov space) for a side of n rows
+            k = min(rank + p, n)
+            return k, min(n, max_columns if max_columns is not None else max(6 * k, 4 * rank + 256))
 
         # The Krylov space is built in float32 (half the time of float64 products) and the certificate of its
         # Ritz vectors is recomputed in float64 (`_validate`); float32 only limits how far it converges, and a
-        # float32 run that cannot certify (steep spectra at small eps) is redone in float64.
+        # float32 run that cannot certify (steep spectra at small eps) is redone in float64. A weight with more
+        # outputs than inputs is first tried on its input side (`_input_side`).
+        cert = None
+        if d_out > d_in and (half := half_c()) is not None:
+            theta, u, cert = _krylov(_input_side(dw32, half), d_in, *space(d_in), rank, eps, trace, gen,
+                                     torch.float32, check=gram, lift=lambda v: dw32 @ half[0](v))
         for work in (torch.float32, torch.float64):
-            theta, u, cert = _krylov(gram, d_out, k, cap, rank, eps, trace, gen, work)
-            if cert.certified:
+            if cert is not None and cert.certified:
                 break
+            theta, u, cert = _krylov(gram, d_out, *space(d_out), rank, eps, trace, gen, work)
         if not cert.certified:
             log.info("%s: fast solver not certified within %d columns (excess bound %.2g of the optimum): "
                      "solving exactly", exact._who(name), cert.columns, cert.rel_excess_bound)
@@ -154,13 +176,20 @@ def fast_eora(delta_w: torch.Tensor, cov: torch.Tensor | None, rank: int, *, eig
         log.debug("%s: fast solve, %d Krylov columns, excess ≤ %.2g of the optimum", exact._who(name),
                   cert.columns, cert.rel_excess_bound)
         noise = max(d_out, d_in) * exact.EPS64 * float(theta[0]) if theta.numel() else 0.0
-        u = u * (theta > noise).to(u.dtype)
-        return u, u.T @ dw, cert
+        keep = (theta > noise).to(u.dtype)
+        u = u * keep
+        a = u.T @ dw
+        if tau is not None:  # a ridge (C + τI), not a floor: the exact gains for the true C (see solve_with_gains)
+            cert.gains = (theta - tau * (a * a).sum(1)) * keep
+        return u, a, cert
 
 
 def _krylov(gram, n: int, k: int, cap: int, rank: int, eps: float, trace: float | None, gen: torch.Generator,
-            work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Certificate]:
-    """Block Lanczos in `work` precision until certified or `cap` columns: (θ (r,), U (n, r), certificate)."""
+            work: torch.dtype, check=None, lift=None) -> tuple[torch.Tensor, torch.Tensor | None, Certificate]:
+    """Block Lanczos in `work` precision until certified or `cap` columns: (θ (r,), U (d_out, r), certificate).
+
+    gram: the operator the Krylov space is built for, on n rows. check/lift (input side): G itself in float64 for
+    the certificate, and the map of the operator's vectors to G's (`_input_side`); None: gram is G."""
     blocks: list[torch.Tensor] = []
     products: list[torch.Tensor] = []
     q = torch.linalg.qr(torch.randn(n, k, dtype=work, device=gen.device, generator=gen)).Q
@@ -172,18 +201,22 @@ def _krylov(gram, n: int, k: int, cap: int, rank: int, eps: float, trace: float 
         nxt = _orth_against(products[-1], basis) if m < cap else None
         full = m >= n or (m < cap and nxt is None)  # span(Q) is G-invariant: its Ritz pairs are exact
         if len(blocks) >= 2 or m >= cap or full:
-            theta, u, cert = _validate(basis, gq, rank, eps, trace, len(blocks), gram, gen, full)
+            theta, u, cert = _validate(basis, gq, rank, eps, trace, len(blocks), gram, gen, full, check, lift)
             if cert.certified or m >= cap or full:
                 return theta, u, cert
         q = nxt[:, :cap - m]  # type: ignore[index]  # the last block may be cut to end at `cap` columns
 
 
 def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str | None, diagonal: bool):
-    """y ↦ (C + τ I) y with τ = eig_floor·λ_max(C) (C = I when cov is None: no ridge needed)."""
+    """(y ↦ (C + τ I) y, half, τ) with τ = eig_floor·λ_max(C) (C = I when cov is None: no ridge needed, τ = 0;
+    for a diagonal C the floor is a clamp, not a ridge: τ is None).
+
+    half() gives float32 (v ↦ L v, w ↦ Lᵀ w) for a factor L Lᵀ = C + τ I (Cholesky; the square root of a
+    diagonal), or None where float32 Cholesky fails; it is only computed when called."""
     if not eig_floor > 0.0:
         raise exact.EoraError(f"eig_floor must be positive, got {eig_floor}")
     if cov is None:
-        return lambda y: y
+        return (lambda y: y), (lambda: (lambda v: v, lambda w: w)), 0.0
     if diagonal:
         d = torch.as_tensor(cov).to(torch.float64)
         if d.shape != (d_in,):
@@ -194,8 +227,8 @@ def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str
             raise exact.EoraError(f"{exact._who(name)}: the calibration covariance is zero: no activations "
                                   "reached this layer")
         d = d.clamp(min=eig_floor * dmax)  # the same floor as eora.diag
-        d32 = d.to(torch.float32)
-        return lambda y: (d if y.dtype == torch.float64 else d32)[:, None] * y
+        d32, root = d.to(torch.float32), d.sqrt().to(torch.float32)[:, None]
+        return (lambda y: (d if y.dtype == torch.float64 else d32)[:, None] * y), (lambda: (root.mul, root.mul)), None
     c = _matrix(cov, "covariance", name)  # symmetric by construction (Σ x xᵀ); not symmetrised here
     if c.shape != (d_in, d_in):
         exact._as_cov(c, d_in, name)  # its one-line error
@@ -205,7 +238,31 @@ def _c_operator(cov: torch.Tensor | None, d_in: int, eig_floor: float, name: str
         raise exact.EoraError(f"{exact._who(name)}: the calibration covariance is zero: no activations reached "
                               "this layer")
     tau = eig_floor * lam_max
-    return lambda y: (c if y.dtype == torch.float64 else c32) @ y + tau * y
+
+    def half():
+        ridged = c32.clone()
+        ridged.diagonal().add_(tau)
+        low, info = torch.linalg.cholesky_ex(ridged)
+        return None if int(info) else (low.__matmul__, lambda w: _t_mul(w, low))
+
+    return (lambda y: (c if y.dtype == torch.float64 else c32) @ y + tau * y), half, tau
+
+
+def _t_mul(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """aᵀ y computed as (yᵀ a)ᵀ: BLAS reads `a` row-major either way, but a transposed left operand with few
+    columns in y (the probes, the float64 check) runs several times slower than this form on CPU."""
+    return (y.T @ a).T
+
+
+def _input_side(dw32: torch.Tensor, half) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The operator H = Lᵀ ΔWᵀ ΔW L (d_in, d_in), float32, for a weight with d_out > d_in.
+
+    H and G = ΔW (L Lᵀ) ΔWᵀ are M ᵀM and M Mᵀ for M = ΔW L: the same nonzero eigenvalues, and an eigenvector v
+    of H gives G's as M v. Its Krylov space lives on the shorter side (cheaper orthogonalisation and Ritz steps;
+    the same products per column), its Ritz vectors are lifted to G's side as M V and certified there in
+    float64 against G with the exact C (`_validate`), so the float32 Cholesky factor only steers the search."""
+    mul, t_mul = half
+    return lambda v: t_mul(_t_mul(dw32 @ mul(v), dw32))
 
 
 def _matrix(x: torch.Tensor, what: str, name: str | None) -> torch.Tensor:
@@ -278,11 +335,16 @@ def _bound(theta: torch.Tensor, resid: torch.Tensor, rank: int) -> tuple[float, 
 
 
 def _validate(basis: torch.Tensor, gq: torch.Tensor, rank: int, eps: float, trace: float | None, blocks: int,
-              gram, gen: torch.Generator, full: bool) -> tuple[torch.Tensor, torch.Tensor, Certificate]:
-    """Top-r Ritz values (r,) and vectors (n, r) of G on span(basis) and their certificate, in float64.
+              gram, gen: torch.Generator, full: bool, check=None,
+              lift=None) -> tuple[torch.Tensor, torch.Tensor | None, Certificate]:
+    """Top-r Ritz values (r,) and vectors (d_out, r) of G on span(basis) and their certificate, in float64.
 
     The float32 Ritz pairs decide whether to stop; if they pass, the top r+1 Ritz vectors are orthonormalised
-    and Rayleigh–Ritz is redone on their span with float64 products G U, which gives the certified residuals."""
+    (lifted to G's side first, for the input side) and Rayleigh–Ritz is redone on their span with float64
+    products G U, which gives the certified residuals. Only G's own Krylov space can be `full` (exact Ritz
+    pairs): a lifted one is certified by its residuals alone."""
+    lift = lift or (lambda v: v)
+    full = full and check is None
     vals, vecs = _ritz(basis, gq)
     m = vals.numel()
     r1 = min(rank + 1, m)
@@ -295,9 +357,9 @@ def _validate(basis: torch.Tensor, gq: torch.Tensor, rank: int, eps: float, trac
     low32 = max(tail_low, trace_q - float(vals[:rank].sum()) - bound32)
     cert = Certificate(bound32, low32, m, blocks, False)
     if not (full or bound32 <= eps * low32):
-        return vals[:rank], (basis @ y32[:, :rank]).double(), cert
-    u = torch.linalg.qr((basis @ y32).double()).Q                         # (n, r+1)
-    gu = gram(u)
+        return vals[:rank], None, cert  # not certified: `fast_eora` solves exactly, the vectors are not used
+    u = torch.linalg.qr(lift(basis @ y32).double()).Q                   # (d_out, r+1)
+    gu = (check or gram)(u)
     h = u.T @ gu
     with exact._one_thread():
         theta, z = torch.linalg.eigh(0.5 * (h + h.T))
@@ -309,3 +371,32 @@ def _validate(basis: torch.Tensor, gq: torch.Tensor, rank: int, eps: float, trac
     low = max(tail_low, trace_q - float(theta[:rank].sum()) - bound)
     cert = Certificate(bound, low, m, blocks, full or bound <= eps * low)
     return theta[:rank], u[:, :rank], cert
+
+
+def trace_estimate(x: torch.Tensor, cov: torch.Tensor | None, *, sketch: int = 48, probes: int = 16,
+                   seed: int = 0) -> tuple[float, float]:
+    """tr(X C Xᵀ) (C = I when cov is None) by Hutch++, and its standard error, from 2·sketch + probes products.
+
+    For the weights the fast path solves, the exact trace costs d_out·d_in² (a full product, 842 GMAC for a
+    4096 × 14336 weight), far more than the solve. Hutch++ (Meyer, Musco, Musco & Woodruff, 2021): the top of
+    G = X C Xᵀ is taken exactly on the span Q of G·Ω (Ω Gaussian, `sketch` columns), tr(QᵀGQ), and only the rest
+    (I - QQᵀ)G(I - QQᵀ) is estimated by Gaussian probes projected onto Q's complement; the standard error is
+    the probes' sample standard deviation over √probes. Exact (error 0) when the sketch spans G's side.
+    Products in float32, sums in float64: a diagnostic (the summary's relative errors), not a solver input."""
+    x32 = torch.as_tensor(x).to(torch.float32)
+    n = x32.shape[0]
+    c32 = None if cov is None else torch.as_tensor(cov).to(torch.float32)
+
+    def gram(y: torch.Tensor) -> torch.Tensor:
+        z = _t_mul(y, x32)
+        return x32 @ (z if c32 is None else c32 @ z)
+
+    gen = torch.Generator(device=x32.device).manual_seed(seed)
+    if n <= sketch:
+        return float(torch.diagonal(gram(torch.eye(n, dtype=torch.float32, device=x32.device))).double().sum()), 0.0
+    q = torch.linalg.qr(gram(torch.randn(n, sketch, generator=gen, device=x32.device))).Q
+    top = float((q * gram(q)).double().sum())
+    w = torch.randn(n, probes, generator=gen, device=x32.device)
+    w = w - q @ (q.T @ w)
+    terms = (w * gram(w)).double().sum(0)
+    return top + float(terms.mean()), float(terms.std()) / math.sqrt(probes)

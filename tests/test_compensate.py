@@ -498,3 +498,17 @@ def test_importance_of_embeddings_and_head(solved):
     assert all(v >= 0 for v in kl.values())
     assert kl["token_embd.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured < 0.01
     assert kl["output.weight"] < 0.1 * kl["blk.0.ffn_down.weight"]  # measured 0.02
+
+
+@pytest.mark.llama_cpp
+def test_fast_path_reports_estimated_errors_close_to_the_exact_ones(solved, tmp_path):
+    """With the fast solver the summary's per-tensor errors come from Hutch++ trace estimates and
+    e(BA) = tr(G) - Σ gains: close to the exact path's (tiny layers: 64-wide, the estimate's worst case)."""
+    s = solved("llama")
+    ex = comp.compensate(s["hf"], s["q"], tmp_path / "exact.gguf", rank=RANK, stats=s["stats"], solver="exact")
+    fa = comp.compensate(s["hf"], s["q"], tmp_path / "fast.gguf", rank=RANK, stats=s["stats"], solver="fast")
+    assert set(ex.tensors) == set(fa.tensors) and len(ex.tensors) == 14
+    for name, row in ex.tensors.items():
+        for key in ("rel_err_before", "rel_err_after"):
+            assert fa.tensors[name][key] == pytest.approx(row[key], rel=0.05), (name, key)
+        assert fa.tensors[name]["rel_err_after"] < fa.tensors[name]["rel_err_before"]
