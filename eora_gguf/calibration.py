@@ -159,7 +159,7 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
     if hidden_in is not None:
         if [tuple(h.shape) for h in hidden_in] != [tuple(h.shape) for h in hidden]:
             raise EoraError("the saved activations do not match this calibration's batches: start again")
-        hidden = [to_device(h, dev) for h in hidden_in]
+        hidden = [h.to(hidden[0].device) for h in hidden_in]  # where `capture` keeps activations (activation_home)
     steps = [covariances, *([_Callback(compensate)] if compensate is not None else []), *processors]
     hidden = walk(sm, hidden, calls, steps, propagate=propagate, device=dev, start_layer=start_layer,
                   on_layer_done=on_layer_done)

@@ -5,7 +5,9 @@ safetensors files (`StreamedModel`). First the embeddings (and the final norm) a
 of the base model with every decoder layer stubbed out captures, per batch, the first layer's input and the
 keyword arguments each layer receives (attention mask of its type, rotary position embeddings of its type,
 position ids): `capture`. Then `walk` runs the decoder layers one at a time over all batches and frees each after
-use. Peak memory ~ one decoder layer + embeddings + the activations of all samples (samples*seqlen*hidden*4 bytes).
+use. Peak memory ~ one decoder layer + embeddings + the activations of all samples (samples*seqlen*hidden*bytes of
+the forward dtype); on a GPU they stay there when they fit, else in pinned host memory, one batch on the GPU at a
+time (`activation_home`).
 
 Per layer, every `Processor` goes through the same four steps (GPTQModel's looper):
   hook        register forward hooks on the layer's linears (`LayerContext.linears`: HF name -> (module, site))
@@ -260,6 +262,18 @@ class Processor:
         """Once, after the last layer."""
 
 
+def _on(h: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A batch's activations on the layer's device (a no-op unless they live in host memory)."""
+    return h if device is None or h.device == device else h.to(device, non_blocking=True)
+
+
+def _back(out: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
+    """A layer's output where its input lived: in place into the (pinned) host buffer when streaming."""
+    if out.device == home.device:
+        return out
+    return home.copy_(out, non_blocking=True)
+
+
 def _apply_weights(ctx: LayerContext, weights: dict[str, torch.Tensor]) -> None:
     for name, w in weights.items():
         key = name[: -len(".weight")] if name.endswith(".weight") else name
@@ -277,17 +291,46 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", disable=not sys.stderr.isatty())
 
 
-def capture(sm: StreamedModel, batches: Sequence[torch.Tensor], device: torch.device | None = None
-            ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
-    """Per batch of token ids: the first decoder layer's input and each layer's extra (args, kwargs), on device."""
+FIT_SHARE = 0.5  # activations stay on a GPU when they take at most this share of its free memory at capture
+
+
+def activation_home(nbytes: int, device: torch.device | None, free: int | None = None) -> torch.device | None:
+    """Where the activations of all samples live between layers: on `device` when they fit (CPU: always; GPU:
+    at most FIT_SHARE of its free memory, `free` bytes or torch's count), else in pinned host memory, each batch
+    copied to the GPU for its turn through the layer (`walk`)."""
+    if device is None or device.type != "cuda":
+        return device
+    if free is None:
+        free = torch.cuda.mem_get_info(device)[0]
+    if nbytes <= FIT_SHARE * free:
+        return device
+    log.info("the activations (%.1f GiB) do not fit on %s (%.1f GiB free): streaming them from pinned host memory",
+             nbytes / 2**30, device, free / 2**30)
+    return torch.device("cpu")
+
+
+def _home(h: torch.Tensor, home: torch.device | None, device: torch.device | None) -> torch.Tensor:
+    """h moved to `home`; pinned when home is the host of a GPU run (fast asynchronous copies each layer)."""
+    if home is None or h.device == home:
+        return h
+    out = h.to(home)
+    return out.pin_memory() if home.type == "cpu" and device is not None and device.type == "cuda" else out
+
+
+def capture(sm: StreamedModel, batches: Sequence[torch.Tensor], device: torch.device | None = None,
+            home: torch.device | str | None = "auto") -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """Per batch of token ids: the first decoder layer's input (on `home`: "auto" = `activation_home`) and each
+    layer's extra (args, kwargs) on device."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = []
     for ids in batches:
         h, c = sm.capture(ids)
-        hidden.append(to_device(h, device))
+        hidden.append(h)
         calls.append([to_device(call, device) for call in c])
     check_finite(torch.stack([h.abs().amax() for h in hidden]), "the token embeddings")
-    return hidden, calls
+    if home == "auto":
+        home = activation_home(sum(h.numel() * h.element_size() for h in hidden), device)
+    return [_home(h, torch.device(home) if home is not None else device, device) for h in hidden], calls
 
 
 @torch.no_grad()
@@ -310,13 +353,13 @@ def walk(sm: StreamedModel, hidden: list[torch.Tensor], calls: list[list[tuple[t
                 p.hook(ctx)
             try:
                 for b, h in enumerate(hidden):
-                    out = run_layer(layer, h, calls[b][i])
+                    out = run_layer(layer, _on(h, device), calls[b][i])
                     if b == 0:
                         for p in processors:
                             p.first_batch_done(ctx)
                     check_finite(out, f"the output of decoder layer {i} ({name})")
                     if propagate == "original":
-                        hidden[b] = out
+                        hidden[b] = _back(out, h)
             finally:
                 for p in processors:
                     p.unhook(ctx)
@@ -329,9 +372,12 @@ def walk(sm: StreamedModel, hidden: list[torch.Tensor], calls: list[list[tuple[t
             if propagate == "compensated":
                 _apply_weights(ctx, weights)
                 for b, h in enumerate(hidden):
-                    hidden[b] = run_layer(layer, h, calls[b][i])
-                    check_finite(hidden[b], f"the compensated output of decoder layer {i} ({name})")
+                    out = run_layer(layer, _on(h, device), calls[b][i])
+                    check_finite(out, f"the compensated output of decoder layer {i} ({name})")
+                    hidden[b] = _back(out, h)
             sm.free_layer(i)
+            if device is not None and device.type == "cuda" and hidden and hidden[0].device != device:
+                torch.cuda.synchronize(device)  # the host copies of this layer's outputs are complete
             if on_layer_done is not None:
                 on_layer_done(i, hidden)
             bar.update(1)
