@@ -25,7 +25,7 @@ from . import distributed
 from .errors import EoraError
 from .hf_model import model_identity
 from .stats import CalibrationStats
-from .walker import PROPAGATE_MODES, LayerContext, Processor, StreamedModel, capture, check_finite, to_device, walk
+from .walker import PROPAGATE_MODES, LayerContext, Processor, StreamedModel, capture, check_finite, walk
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
     if batch_size < 1:
         raise EoraError(f"batch size must be >= 1, got {batch_size}")
     dev = torch.device(device) if device is not None else None
-    sm = StreamedModel(model_dir, attn_implementation=attn_implementation, dtype=forward_dtype, device=dev)  # None: auto
+    sm = StreamedModel(model_dir, attn_implementation=attn_implementation, dtype=forward_dtype, device=dev)
     vocab = sm.config.get_text_config().vocab_size
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         raise EoraError(f"calibration token ids fall outside the model vocabulary of {vocab}: "

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eora_gguf import walker
 from eora_gguf.calibration import collect_stats, stream
 from eora_gguf.errors import EoraError
-from eora_gguf import walker
 from eora_gguf.walker import StreamedModel
 
 from tiny_models import SAMPLES, SEQLEN, STREAM_ARCHS, STREAM_DIMS, STREAM_VOCAB, full_forward, make_stream_model

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eora_gguf import walker
 from eora_gguf.calibration import collect_stats, stream
 from eora_gguf.errors import EoraError
-from eora_gguf import walker
 from eora_gguf.walker import LayerContext, Processor, StreamedModel, capture, walk
 
 from tiny_models import SEQLEN, STREAM_DIMS, full_forward, make_stream_model
