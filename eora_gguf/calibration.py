@@ -25,7 +25,7 @@ from . import distributed
 from .errors import EoraError
 from .hf_model import model_identity
 from .stats import CalibrationStats
-from .walker import PROPAGATE_MODES, LayerContext, Processor, StreamedModel, capture, check_finite, to_device, walk
+from .walker import PROPAGATE_MODES, LayerContext, Processor, StreamedModel, capture, check_finite, walk
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
            accumulate_dtype: torch.dtype = torch.float32, calib_fingerprint: str | None = None,
            attn_implementation: str | None = None, return_hidden: bool = True,
            device: str | torch.device | None = None, start_layer: int = 0,
-           hidden_in: list[torch.Tensor] | None = None,
+           hidden_in: list[torch.Tensor] | None = None, forward_dtype: torch.dtype | None = None,
            on_layer_done: Callable[[int, list[torch.Tensor]], None] | None = None,
            processors: Sequence[Processor] = ()) -> tuple[CalibrationStats, torch.Tensor | None]:
     """Run the model layer by layer over `input_ids` (samples, seqlen); return the statistics and (when
@@ -125,6 +125,8 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
     keep=False to not retain them). processors: more walker processors, run after the statistics (and the
     compensate callback) of each layer; they find the layer's statistics in ctx.results["stats"].
     accumulate_dtype: dtype of each batch's XᵀX block before it is added into the float64 sum.
+    forward_dtype: what the layers run in (None: `walker.forward_dtype`, the checkpoint's dtype on a GPU, float32
+    or native bf16 on the CPU); recorded in the statistics' metadata when it is not float32.
     device: where each decoder layer, the activations and the covariance sums live (default CPU); the layer
     statistics handed to `compensate` stay there, the kept ones are copied to the CPU.
     Under torchrun (`distributed`), each process runs its share of the samples and the sums are all-reduced;
@@ -141,22 +143,23 @@ def stream(model_dir: str | os.PathLike[str], input_ids: torch.Tensor, *, batch_
         raise EoraError(f"calibration input_ids must be (samples, seqlen), got {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise EoraError(f"batch size must be >= 1, got {batch_size}")
-    sm = StreamedModel(model_dir, attn_implementation=attn_implementation)
+    dev = torch.device(device) if device is not None else None
+    sm = StreamedModel(model_dir, attn_implementation=attn_implementation, dtype=forward_dtype, device=dev)
     vocab = sm.config.get_text_config().vocab_size
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         raise EoraError(f"calibration token ids fall outside the model vocabulary of {vocab}: "
                         "tokenize with this model's tokenizer")
     samples, seqlen = input_ids.shape
-    dev = torch.device(device) if device is not None else None
     covariances = Covariances(accumulate_dtype, {
         "model": model_identity(model_dir), "calibration": calib_fingerprint, "samples": int(samples),
         "seqlen": int(seqlen), "tokens": int(samples * seqlen), "propagate": propagate,
+        **({"forward_dtype": str(sm.dtype)[6:]} if sm.dtype != torch.float32 else {}),
     }, keep=keep)
     hidden, calls = capture(sm, distributed.shard_samples(input_ids.long()).split(batch_size), dev)
     if hidden_in is not None:
         if [tuple(h.shape) for h in hidden_in] != [tuple(h.shape) for h in hidden]:
             raise EoraError("the saved activations do not match this calibration's batches: start again")
-        hidden = [to_device(h, dev) for h in hidden_in]
+        hidden = [h.to(hidden[0].device) for h in hidden_in]  # where `capture` keeps activations (activation_home)
     steps = [covariances, *([_Callback(compensate)] if compensate is not None else []), *processors]
     hidden = walk(sm, hidden, calls, steps, propagate=propagate, device=dev, start_layer=start_layer,
                   on_layer_done=on_layer_done)

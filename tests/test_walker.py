@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eora_gguf import walker
 from eora_gguf.calibration import collect_stats, stream
 from eora_gguf.errors import EoraError
 from eora_gguf.walker import LayerContext, Processor, StreamedModel, capture, walk
@@ -100,3 +101,24 @@ def test_processor_weights_feed_forward_like_the_callback(models, ids):
 def test_collect_stats_counts_every_layer(models, ids):
     stats = collect_stats(models["qwen3"], ids)
     assert sorted({int(m.split(".")[2]) for m in stats.modules()}) == list(range(STREAM_DIMS["num_hidden_layers"]))
+
+
+def test_activation_home_streams_only_what_does_not_fit():
+    """Activations stay on the device when they fit in half its free memory, else in (pinned) host memory."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert walker.activation_home(10**12, None) is None and walker.activation_home(10**12, cpu) == cpu
+    assert walker.activation_home(4 * 2**30, gpu, free=16 * 2**30) == gpu
+    assert walker.activation_home(12 * 2**30, gpu, free=16 * 2**30) == cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streaming moves batches host -> GPU")
+def test_streamed_activations_give_the_same_statistics(models, ids):
+    on_gpu = collect_stats(models["llama"], ids, batch_size=2, device="cuda")
+    old = walker.FIT_SHARE
+    walker.FIT_SHARE = 0.0  # nothing fits: every batch streams from pinned host memory
+    try:
+        streamed = collect_stats(models["llama"], ids, batch_size=2, device="cuda")
+    finally:
+        walker.FIT_SHARE = old
+    for site, cov in on_gpu.covariances.items():
+        torch.testing.assert_close(streamed.covariances[site], cov)
