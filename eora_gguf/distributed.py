@@ -16,6 +16,7 @@ Without torchrun (WORLD_SIZE unset or 1) every function is the single-process id
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Any, TypeVar
@@ -70,8 +71,18 @@ def init_from_env(device: str | None = None) -> bool:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
+    # Leave the group before the interpreter exits: a process that exits with a live gloo group can abort in its
+    # teardown ("terminate called without an active exception", seen here under load) and fail the whole run.
+    atexit.register(_leave)
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
+
+
+def _leave() -> None:
+    """At exit: destroy the group (no barrier: a process leaving on an error must not wait for the others)."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str | None) -> str | None:
