@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shlex
 import sys
 import time
@@ -92,6 +93,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     ap.add_argument("-o", "--output", default="docs/finetune_check.json")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf = assets.demo_model_dir()
     work = Path(args.workdir) / hf.name
     base = Path(args.base) if args.base else work / "model-Q4_K_M-pruned-wanda-2of4-imatrix.gguf"
