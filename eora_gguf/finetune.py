@@ -239,6 +239,8 @@ def finetune(hf_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str], 
             entry: dict[str, float] = {"step": step, "loss": value}
             if step % eval_every == 0 or step == steps:
                 entry["heldout_loss"] = _heldout_loss(model, held, pad, dev, batch_size)
+                log.info("step %d/%d: loss %.4f, held-out loss %.4f (%.0f s)", step, steps, value,
+                         entry["heldout_loss"], time.perf_counter() - t1)
             record["log"].append(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}")

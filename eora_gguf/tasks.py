@@ -83,6 +83,23 @@ def mc_metrics(items: Sequence[MCItem], logprobs: Sequence[Sequence[float]]) -> 
             "acc_norm": 100.0 * hit_norm / n, "acc_norm_stderr": _stderr(hit_norm, n)}
 
 
+def mc_gold_nll(items: Sequence[MCItem], gold_scores: Sequence[tuple[float, int]]) -> dict:
+    """Negative log-likelihood per token of the gold continuations, from (summed log-likelihood, token count) per
+    question: L = Σ nll_i / Σ n_i, token-weighted as a fine-tuning batch's loss, and its standard error as a ratio
+    of means over questions, sqrt(Σ (nll_i − L n_i)² / (N (N − 1))) / mean(n)."""
+    if len(items) != len(gold_scores) or not items:
+        raise EoraError(f"{len(gold_scores)} gold scores for {len(items)} items")
+    nll = [-lp for lp, _ in gold_scores]
+    counts = [n for _, n in gold_scores]
+    if min(counts) < 1:
+        raise EoraError("a gold continuation scored over 0 tokens")
+    n = len(items)
+    loss = sum(nll) / sum(counts)
+    spread = sum((x - loss * c) ** 2 for x, c in zip(nll, counts))
+    stderr = math.sqrt(spread / (n * (n - 1))) / (sum(counts) / n) if n > 1 else float("nan")
+    return {"n": n, "nll": loss, "nll_stderr": stderr, "tokens": sum(counts)}
+
+
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda j: values[j])  # first of ties, as numpy.argmax
 

@@ -42,6 +42,21 @@ def test_acc_norm_uses_bytes_not_characters():
     assert tasks.mc_metrics([it], [[-5.0, -4.4]])["acc_norm"] == 0.0
 
 
+def test_gold_nll_is_the_token_weighted_loss_with_a_ratio_stderr():
+    items = [item(0, "a", "b"), item(1, "a", "b"), item(0, "a", "b")]
+    gold = [(-2.0, 1), (-9.0, 3), (-1.0, 2)]
+    m = tasks.mc_gold_nll(items, gold)
+    nll, n = np.array([2.0, 9.0, 1.0]), np.array([1, 3, 2])
+    loss = nll.sum() / n.sum()  # as cross-entropy with reduction="mean" over all six tokens
+    assert m["n"] == 3 and m["tokens"] == 6 and m["nll"] == pytest.approx(loss)
+    # delta method for a ratio of means: var(mean(nll) / mean(n)) ~ var(mean(nll - L n)) / mean(n)^2
+    assert m["nll_stderr"] == pytest.approx(np.std(nll - loss * n, ddof=1) / math.sqrt(3) / n.mean())
+    with pytest.raises(EoraError, match="2 gold scores for 3 items"):
+        tasks.mc_gold_nll(items, gold[:2])
+    with pytest.raises(EoraError, match="0 tokens"):
+        tasks.mc_gold_nll(items[:1], [(-1.0, 0)])
+
+
 def test_metric_input_errors():
     with pytest.raises(EoraError, match="score rows"):
         tasks.mc_metrics([item(0, "a", "b")], [])

