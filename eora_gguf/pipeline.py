@@ -98,6 +98,10 @@ def run_all(args: RunOptions) -> dict:
     def fresh(path: Path) -> bool:
         return args.force or not path.is_file()
 
+    # Every file made from the calibration carries its key, so that another --calib/--samples/--seqlen (or
+    # --solver) makes new files instead of reusing ones it did not make.
+    key = calib_key(args)
+
     base = work / "model-F16.gguf"
     if fresh(base):
         log.info("converting %s -> %s", hf_dir, base)
@@ -108,7 +112,6 @@ def run_all(args: RunOptions) -> dict:
     use_imatrix = not args.no_imatrix
     stats_file = imatrix_file = None
     if any(ranks) or use_imatrix:
-        key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
         stats_file = work / f"calib-{key}.safetensors"
         if fresh(stats_file):
             log.info("calibrating on %s (%d x %d tokens)", args.calib, args.samples, args.seqlen)
@@ -122,7 +125,8 @@ def run_all(args: RunOptions) -> dict:
 
     quant_files = {}
     for q in quants:
-        quant_files[q] = work / f"model-{q}{tag}{'-imatrix' if use_imatrix else ''}.gguf"
+        made_from_calib = f"-{key}" if use_imatrix or tag else ""  # an imatrix or a pruned model: both calibrated
+        quant_files[q] = work / f"model-{q}{tag}{'-imatrix' if use_imatrix else ''}{made_from_calib}.gguf"
         if fresh(quant_files[q]):
             log.info("quantizing -> %s", quant_files[q])
             llama_tools.quantize(llama, pruned_base or base, quant_files[q], q, imatrix=imatrix_file,
@@ -141,7 +145,9 @@ def run_all(args: RunOptions) -> dict:
         plain = measure(quant_files[q], [])
         rows.append(_row(f"{q}{label}", "-", 0, plain, quant_files[q], None, n_weights, None, None))
         for method in methods:
-            adapters = {r: work / f"adapter-{q}{tag}-{method}-r{r}-{args.adapter_type}.gguf" for r in ranks if r}
+            solver = "" if args.solver == "auto" else f"-{args.solver}"
+            adapters = {r: work / f"adapter-{q}{tag}-{method}-r{r}-{args.adapter_type}-{key}{solver}.gguf"
+                        for r in ranks if r}
             if adapters and any(fresh(p) for p in adapters.values()):
                 top = max(adapters)
                 log.info("compensating %s: %s rank %s", q, method, ",".join(map(str, adapters)))
@@ -166,6 +172,11 @@ def run_all(args: RunOptions) -> dict:
     return summary
 
 
+def calib_key(args: RunOptions) -> str:
+    """Short hash of what the calibration statistics depend on (text spec, samples, sequence length)."""
+    return hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
+
+
 def _pruned_base(args: RunOptions, llama: llamacpp.LlamaCpp, hf_dir: Path, work: Path,
                  fresh) -> tuple[Path | None, str]:
     """With --prune: the pruned HF folder (on the calibration text) and its F16 GGUF, which the quantizations are
@@ -174,14 +185,14 @@ def _pruned_base(args: RunOptions, llama: llamacpp.LlamaCpp, hf_dir: Path, work:
     if not args.prune:
         return None, ""
     sparsity = Sparsity.parse(args.prune)
-    key = hashlib.sha256(f"{args.calib}|{args.samples}|{args.seqlen}".encode()).hexdigest()[:12]
+    key = calib_key(args)
     tag = f"-pruned-{args.prune_method}-{str(sparsity).replace(':', 'of')}"
     folder = work / f"hf{tag}-{key}"
     if args.force or not (folder / "pruning.json").is_file():
         log.info("pruning %s to %s (%s) on %s", hf_dir.name, sparsity, args.prune_method, args.calib)
         prune_model(hf_dir, folder, sparsity=sparsity, method=args.prune_method, calib=args.calib,
                     samples=args.samples, seqlen=args.seqlen)
-    gguf_path = work / f"model{tag}-F16.gguf"
+    gguf_path = work / f"model{tag}-{key}-F16.gguf"
     if fresh(gguf_path):
         llama_tools.convert(llama, folder, gguf_path, outtype="f16", verbose=args.verbose)
     return gguf_path, tag

@@ -91,7 +91,14 @@ def test_run_end_to_end_then_reuses_its_files(tiny_hf, llama, tmp_path, capsys):
     assert summary["calib_tokens"] == 4 * 64 and summary["chunks"] == 2 and summary["ctx"] == 64
     made = {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")}
     assert len(made) == 6  # F16, Q2_K (with the imatrix), calibration statistics, imatrix, two adapters
-    assert (work / "model-Q2_K-imatrix.gguf").is_file() and summary["imatrix"]
+    assert len(list(work.glob("model-Q2_K-imatrix-*.gguf"))) == 1 and summary["imatrix"]
     res2 = run_json(capsys, argv)
     assert {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")} == made
     assert [r["ppl"] for r in res2["rows"]] == [r["ppl"] for r in summary["rows"]]
+    # other calibration (here other --samples): new statistics, imatrix, quantization and adapters, not the old
+    # files (the names carry the calibration's key; --solver exact also renames the adapters)
+    res3 = run_json(capsys, [*argv[:argv.index("--samples") + 1], "3", *argv[argv.index("--samples") + 2:],
+                             "--method", "eora", "--solver", "exact"])
+    new = {p.name for p in work.iterdir() if p.suffix in (".gguf", ".safetensors")} - set(made)
+    assert len(new) == 4, new  # statistics, imatrix, Q2_K, one eora adapter
+    assert {r["adapter"] for r in res3["rows"] if r["adapter"]} <= {str(work / n) for n in new}

@@ -12,7 +12,7 @@ with llama-quantize from model-F16.gguf if missing) and rank, three builds are r
 rounds each: stock, patched, and patched with EORA_LLAMA_FUSE=adapter (W x left to ggml's node even at one
 token: the adapter ops alone). Every figure is a median over all rounds of a build.
 
-Adapters: the folder's EoRA adapters where present (`adapter-{quant}-eora-r{rank}-f16.gguf`, as `eora-gguf run`
+Adapters: the folder's EoRA adapters where present (`adapter-{quant}-eora-r{rank}-f16-{key}.gguf`, as `eora-gguf run`
 writes them, or `{quant}-r{rank}.gguf`, also looked for in --lora-dir), else random F16 adapters of the right
 shapes over every block weight (cost depends on shapes and types only; the JSON says which was used).
 
@@ -83,9 +83,11 @@ def random_adapter(base: Path, out: Path, rank: int, seed: int = 0) -> Path:
 
 def find_adapter(dirs: list[Path], quant: str, rank: int) -> Path | None:
     for d in dirs:
-        for name in (f"adapter-{quant}-eora-r{rank}-f16.gguf", f"{quant}-r{rank}.gguf"):
-            if (d / name).is_file():
-                return d / name
+        # `run` names its adapters adapter-QUANT-eora-rRANK-f16-CALIBKEY[-SOLVER].gguf: the newest of those
+        found = sorted(d.glob(f"adapter-{quant}-eora-r{rank}-f16-*.gguf"), key=lambda p: p.stat().st_mtime)
+        for path in (*found[-1:], d / f"{quant}-r{rank}.gguf"):
+            if path.is_file():
+                return path
     return None
 
 

@@ -72,6 +72,16 @@ def _llama_row(llama: llamacpp.LlamaCpp, base: Path, lora: Path | None, items: l
     return row
 
 
+def _pruned_run(work: Path, rank: int) -> tuple[Path | None, Path | None]:
+    """The Q4_K_M base and rank-`rank` EoRA adapter of the 2:4 Wanda `run` in `work` (its summary.json names them:
+    their file names carry the calibration's key), or (None, None) when that run is not there."""
+    summary = work / "summary.json"
+    rows = json.loads(summary.read_text())["rows"] if summary.is_file() else []
+    row = next((r for r in rows if r["quant"] == "Q4_K_M+2:4 wanda" and r["method"] == "eora" and r["rank"] == rank),
+               None)
+    return (Path(row["model"]), Path(row["adapter"])) if row else (None, None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="eora-out")
@@ -96,8 +106,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf = assets.demo_model_dir()
     work = Path(args.workdir) / hf.name
-    base = Path(args.base) if args.base else work / "model-Q4_K_M-pruned-wanda-2of4-imatrix.gguf"
-    init = Path(args.init) if args.init else work / f"adapter-Q4_K_M-pruned-wanda-2of4-eora-r{args.rank}-f16.gguf"
+    base, init = _pruned_run(work, args.rank)
+    base, init = Path(args.base) if args.base else base, Path(args.init) if args.init else init
+    if base is None or init is None or not base.is_file() or not init.is_file():
+        raise SystemExit(f"no 2:4 Wanda + Q4_K_M base and rank-{args.rank} EoRA adapter in {work}: make them with "
+                         f"`eora-gguf run --prune 2:4 --prune-method wanda --quant Q4_K_M --rank {args.rank} "
+                         f"--samples 16 --workdir {args.workdir}` (or give --base and --init)")
     out = work / "finetune"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
