@@ -11,7 +11,8 @@ Paths that contain ':' or ',' cannot be named in a spec.
 Each source's texts are joined with blank lines and tokenized as one stream; windows of `seqlen` tokens are
 cut from it without overlap. If the tokenizer adds BOS by itself (Llama, Gemma), every window starts with
 BOS followed by seqlen-1 text tokens, as the model sees text at inference. Sample counts are proportional to
-the weights (largest remainder), and which windows are taken is drawn from `seed`.
+the weights (largest remainder), and which windows are taken is drawn from `seed`; draws 0, 1, … of one seed take
+successive windows of the same shuffled order, so they share no window while a source has enough of them.
 """
 from __future__ import annotations
 
@@ -218,14 +219,19 @@ def split_counts(weights: list[float], total: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def build_calibration(spec: str, tokenizer, *, samples: int, seqlen: int, seed: int = 0) -> torch.LongTensor:
+def build_calibration(spec: str, tokenizer, *, samples: int, seqlen: int, seed: int = 0,
+                      draw: int = 0) -> torch.LongTensor:
     """Token windows for calibration: LongTensor (samples, seqlen), sources in spec order.
 
     Windows of one source are distinct while it has enough of them; a source with fewer windows than its
-    share is reused from the start (with a warning). Deterministic for a given spec, tokenizer and seed.
+    share is reused from the start (with a warning). Deterministic for a given spec, tokenizer, seed and draw.
+    draw k takes the k-th run of `count` windows in the seed's shuffled order of each source: draws of one seed
+    are disjoint samples (an independent second calibration set) while a source has (k+1)·count windows.
     """
     if samples < 1 or seqlen < 2:
         raise EoraError(f"need samples >= 1 and seqlen >= 2 (got samples={samples}, seqlen={seqlen})")
+    if draw < 0:
+        raise EoraError(f"the calibration draw must be 0 or more, got {draw}")
     sources = resolve_sources(spec)
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     body = seqlen - (bos is not None)
@@ -238,14 +244,14 @@ def build_calibration(spec: str, tokenizer, *, samples: int, seqlen: int, seed: 
         if n_windows < 1:
             raise EoraError(f"calibration source {source.name} has {len(ids)} tokens, fewer than one sample of "
                             f"{seqlen}: give more text or a smaller --seqlen")
-        if count > n_windows:
-            log.warning("calibration source %s has %d windows of %d tokens for %d samples: reusing windows",
-                        source.name, n_windows, seqlen, count)
+        if (draw + 1) * count > n_windows:
+            log.warning("calibration source %s has %d windows of %d tokens for %d samples%s: reusing windows",
+                        source.name, n_windows, seqlen, count, f" in draw {draw}" if draw else "")
         if count == 0:
             log.warning("calibration source %s gets no sample out of %d: raise --samples or its weight",
                         source.name, samples)
         order = rng.permutation(n_windows)
-        picks = np.resize(order, count) if count else order[:0]
+        picks = np.resize(order, (draw + 1) * count)[draw * count:] if count else order[:0]
         windows = ids[: n_windows * body].reshape(n_windows, body)[picks]
         if bos is not None:
             windows = np.concatenate([np.full((count, 1), bos, dtype=np.int64), windows], axis=1)

@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def calibrate(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int, batch_size: int = 8,
-              tokenizer=None, seed: int = 0, device: str | None = None) -> CalibrationStats:
+              tokenizer=None, seed: int = 0, draw: int = 0, device: str | None = None) -> CalibrationStats:
     """Input covariances of every linear layer with original propagation: reusable across quants and ranks.
-    seed: which windows of the calibration text are drawn (calib_data.build_calibration).
+    seed, draw: which windows of the calibration text are drawn (calib_data.build_calibration; draws of one seed
+    share no window).
     device: where the layers run and the sums accumulate (devices.resolve); under torchrun the samples are
     split across processes and every process gets the summed statistics."""
-    ids = calibration_ids(hf_dir, spec, samples=samples, seqlen=seqlen, tokenizer=tokenizer, seed=seed)
+    ids = calibration_ids(hf_dir, spec, samples=samples, seqlen=seqlen, tokenizer=tokenizer, seed=seed, draw=draw)
     stats, _ = calibration.stream(hf_dir, ids, batch_size=batch_size, propagate="original",
                                   calib_fingerprint=calib_data.calibration_fingerprint(spec, ids),
                                   return_hidden=False, device=devices.resolve(device))

@@ -216,7 +216,7 @@ def load_tokenizer(hf_dir: str | os.PathLike[str]):
 
 
 def calibration_ids(hf_dir: str | os.PathLike[str], spec: str, *, samples: int, seqlen: int,
-                    tokenizer=None, seed: int = 0) -> torch.Tensor:
+                    tokenizer=None, seed: int = 0, draw: int = 0) -> torch.Tensor:
     """(samples, seqlen) token ids of the calibration `spec` (calib_data), tokenized with the model's tokenizer."""
     tok = tokenizer if tokenizer is not None else load_tokenizer(hf_dir)
-    return calib_data.build_calibration(spec, tok, samples=samples, seqlen=seqlen, seed=seed)
+    return calib_data.build_calibration(spec, tok, samples=samples, seqlen=seqlen, seed=seed, draw=draw)

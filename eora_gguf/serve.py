@@ -1,6 +1,6 @@
 """One base, many adapters, one llama-server: the commands `make` writes into its model card, and a small client.
 
-At the pinned llama.cpp (tools/server): `--lora-scaled FILE:0` loads an adapter at scale 0 (`--lora` loads it at
+At the pinned llama.cpp (tools/server): `--lora-scaled A:0,B:0` loads adapters at scale 0 (`--lora` loads them at
 scale 1; `--lora-init-without-apply` only skips applying the scales at start-up, the server's per-slot default
 stays 1). A `/completion` request's `lora` list sets the scales for that request, every adapter it does not list
 at 0; a request without a `lora` list (or with an empty one) runs with the start-up scales. `GET /lora-adapters`
@@ -49,13 +49,13 @@ def lora_list(n_adapters: int, active: int | None) -> list[dict]:
 def server_args(base: str, adapters: Sequence[str], *, port: int, host: str = "127.0.0.1",
                 extra: Sequence[str] = ()) -> list[str]:
     """llama-server's arguments for a base with every adapter loaded at scale 0 (see the module docstring)."""
-    args = ["-m", base]
     for a in adapters:
         if ":" in Path(a).name or "," in str(a):
             raise EoraError(f"adapter path {a} contains ':' or ',', which llama-server's --lora-scaled cannot "
                             "parse: rename it")
-        args += ["--lora-scaled", f"{a}:0"]
-    return [*args, *SERVER_FLAGS, "--host", host, "--port", str(port), *extra]
+    # one comma-separated list: the pinned llama.cpp warns that a repeated option is deprecated and keeps its last
+    loras = ["--lora-scaled", ",".join(f"{a}:0" for a in adapters)] if adapters else []
+    return ["-m", base, *loras, *SERVER_FLAGS, "--host", host, "--port", str(port), *extra]
 
 
 def card_commands(base: str, adapters: Sequence[tuple[str, str]], *, bin_dir: Path, port: int, prompt: str,

@@ -145,6 +145,27 @@ def test_deterministic_by_seed(sources):
     assert not torch.equal(x, build_calibration(spec, tok, samples=8, seqlen=16, seed=1))
 
 
+def test_draws_of_one_seed_share_no_window(sources, caplog):
+    a, b = sources  # 3000 tokens each: 187 windows of 16
+    tok = _tokenizer(False)
+    spec = f"{a}:1,{b}:3"
+    d0 = build_calibration(spec, tok, samples=40, seqlen=16, seed=5)
+    assert torch.equal(d0, build_calibration(spec, tok, samples=40, seqlen=16, seed=5, draw=0))
+    draws = [d0] + [build_calibration(spec, tok, samples=40, seqlen=16, seed=5, draw=k) for k in (1, 2)]
+    rows = [{tuple(r) for r in d.tolist()} for d in draws]
+    assert all(len(r) == 40 for r in rows)
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    # each draw keeps the spec's mix: the first 10 rows from a, the rest from b
+    a_ids = {tok.convert_tokens_to_ids(w) for w in WORDS_A}
+    assert all(all(t in a_ids for t in row) == (i < 10) for d in draws for i, row in enumerate(d.tolist()))
+    assert "reusing windows" not in caplog.text
+    # b has 187 windows: draw 6 of its 30 needs the 181st..210th of its order, so windows come round again (warned)
+    build_calibration(spec, tok, samples=40, seqlen=16, seed=5, draw=6)
+    assert "in draw 6: reusing windows" in caplog.text
+    with pytest.raises(EoraError, match="draw must be 0 or more"):
+        build_calibration(spec, tok, samples=40, seqlen=16, draw=-1)
+
+
 def test_mix_proportions(sources):
     a, b = sources
     tok = _tokenizer(False)

@@ -8,8 +8,9 @@ ARC-Challenge test split and GSM8K items 4..399, each rendered as calibration re
 answer) — by mean KL divergence to the F16 model, and on ARC-Challenge test accuracy (acc_norm, first --limit
 questions). Noise: the standard error of a KLD difference (from the two means' standard errors, as if independent:
 conservative, the two are measured on the same tokens), and with --draws 2 every adapter is made a second time from
-another draw of calibration windows (seed 1) against the same base: the spread between draws is the run-to-run
-noise. A difference counts when it exceeds both.
+a second, disjoint draw of calibration windows from the same sources (calib_data draw 1: no window of draw 0, none
+of the held-out texts) against the same base: the spread between the two draws is the run-to-run noise. A
+difference counts when it exceeds both.
 
     python tools/customize_check.py --json docs/customize.json [--quant Q2_K] [--rank 32] [--samples 32] [--draws 2]
 
@@ -82,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.threads)
     base = out / made["base"]["file"]
     adapters = {(a["name"], 0): out / a["file"] for a in made["adapters"]}
-    for s in specs if args.draws > 1 else []:  # a second draw of calibration windows, same base
-        stats = work / f"calib-{s.name}-seed1.safetensors"
+    for s in specs if args.draws > 1 else []:  # a second, disjoint draw of calibration windows, same base
+        stats = work / f"calib-{s.name}-{args.samples}x{args.seqlen}-draw1.safetensors"
         if not stats.is_file():
-            compensate.calibrate(hf, s.spec, samples=args.samples, seqlen=args.seqlen, seed=1).save(stats)
-        path = work / f"adapter-{s.name}-seed1.gguf"
+            log.info("calibrating %s, draw 1", s.name)
+            compensate.calibrate(hf, s.spec, samples=args.samples, seqlen=args.seqlen, draw=1).save(stats)
+        path = work / f"{made['model_name']}-{args.quant}-{s.name}-r{args.rank}-{stats.stem}.gguf"
         if not path.is_file():
-            compensate.compensate(hf, base, path, rank=args.rank, stats=stats, name=f"{s.name}-seed1")
+            compensate.compensate(hf, base, path, rank=args.rank, stats=stats, name=f"{s.name}-draw1")
         adapters[(s.name, 1)] = path
 
     llama = llamacpp.locate()
@@ -103,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.write_text(json.dumps(cache, indent=1))
         return cache[key]
 
-    configs = [("base", None, None)] + [(name, seed, path) for (name, seed), path in adapters.items()]
-    rows = [{"adapter": name, "seed": seed, "file": path.name if path else base.name, "lora": [path] if path else [],
-             "kld": {}} for name, seed, path in configs]
+    configs = [("base", None, None)] + [(name, draw, path) for (name, draw), path in adapters.items()]
+    rows = [{"adapter": name, "draw": draw, "file": path.name if path else base.name, "lora": [path] if path else [],
+             "kld": {}} for name, draw, path in configs]
     for text_name, text in texts.items():  # every KLD first (the verdicts need them), task accuracy after
         ref, _ = llama_eval.kld_base(llama, f16, text, ctx=512, chunks=args.chunks, threads=args.threads,
                                      cache=work / "kld")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         "ppl_stderr": r.ppl_stderr, "tokens": r.tokens}
 
             row["kld"][text_name] = measured(f"kld|{row['file']}|{text_name}|{args.chunks}", kld)
-            log.info("%s seed %s on %s: KLD %.4f", row["adapter"], row["seed"], text_name,
+            log.info("%s draw %s on %s: KLD %.4f", row["adapter"], row["draw"], text_name,
                      row["kld"][text_name]["kld"])
     for row in rows:
         lora = row.pop("lora")
@@ -141,25 +143,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def verdicts(rows: list[dict], texts: list[str]) -> list[dict]:
     """Per text: its own adapter (same name: general, arc, gsm8k) against the best other one (means over the draws),
-    with the noise: the standard error of the difference, and the largest spread between two draws of one adapter."""
-    def res(name: str, seed: int, text: str) -> dict:
-        return next(r["kld"][text] for r in rows if r["adapter"] == name and r["seed"] == seed)
+    with the noise: the standard error of the difference, and the run-to-run noise from the calibration draws — the
+    largest spread between the two draws of one adapter on that text, and the margin measured in each draw alone.
+    The own adapter wins when the mean margin exceeds both noises and every draw's margin is positive."""
+    def res(name: str, draw: int, text: str) -> dict:
+        return next(r["kld"][text] for r in rows if r["adapter"] == name and r["draw"] == draw)
 
-    names = sorted({r["adapter"] for r in rows if r["seed"] is not None})
-    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
-    base = next(r["kld"] for r in rows if r["seed"] is None)
+    names = sorted({r["adapter"] for r in rows if r["draw"] is not None})
+    draws = sorted({r["draw"] for r in rows if r["draw"] is not None})
+    base = next(r["kld"] for r in rows if r["draw"] is None)
     out = []
     for text in texts:
-        mean = {n: sum(res(n, s, text)["kld"] for s in seeds) / len(seeds) for n in names}
-        se = {n: max(res(n, s, text)["kld_stderr"] for s in seeds) for n in names}
-        spread = max(abs(res(n, seeds[0], text)["kld"] - res(n, seeds[-1], text)["kld"]) for n in names) \
-            if len(seeds) > 1 else None
+        mean = {n: sum(res(n, d, text)["kld"] for d in draws) / len(draws) for n in names}
+        se = {n: max(res(n, d, text)["kld_stderr"] for d in draws) for n in names}
+        spreads = {n: abs(res(n, draws[0], text)["kld"] - res(n, draws[-1], text)["kld"]) for n in names}
+        spread = max(spreads.values()) if len(draws) > 1 else None
         other = min((n for n in names if n != text), key=mean.get)
         margin = mean[other] - mean[text]
+        by_draw = [res(other, d, text)["kld"] - res(text, d, text)["kld"] for d in draws]
         se_diff = (se[other] ** 2 + se[text] ** 2) ** 0.5
         out.append({"text": text, "base_kld": base[text]["kld"], "mean_kld": mean, "own": text,
-                    "best_other": other, "margin": margin, "stderr_of_difference": se_diff, "draw_spread": spread,
-                    "wins_beyond_noise": margin > max(se_diff, spread or 0.0)})
+                    "best_other": other, "margin": margin, "margin_by_draw": by_draw,
+                    "stderr_of_difference": se_diff, "draw_spread": spread,
+                    "draw_spread_by_adapter": spreads if len(draws) > 1 else None,
+                    "wins_beyond_noise": margin > max(se_diff, spread or 0.0) and min(by_draw) > 0})
     return out
 
 
@@ -171,15 +178,17 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         cells = [f"{r['kld'][t]['kld']:.4g} ± {r['kld'][t]['kld_stderr']:.2g}" for t in texts]
         arc = r.get("arc_challenge")
-        lines.append(f"| {r['adapter']} | {'–' if r['seed'] is None else r['seed']} | " + " | ".join(cells) +
+        lines.append(f"| {r['adapter']} | {'–' if r['draw'] is None else r['draw']} | " + " | ".join(cells) +
                      (f" | {arc['acc_norm']:.1f} ± {arc['acc_norm_stderr']:.1f} |" if arc else " | – |"))
-    lines += ["", "| text | base KLD | own adapter | best other adapter | other − own (KLD) | stderr of difference | "
-              "draw-to-draw spread | own adapter wins beyond noise |", "|---|---:|---|---|---:|---:|---:|---|"]
+    lines += ["", "| text | base KLD | own adapter | best other adapter | other − own (KLD) | in each draw | "
+              "stderr of difference | draw-to-draw spread | own adapter wins beyond noise |",
+              "|---|---:|---|---|---:|---:|---:|---:|---|"]
     for v in result["verdicts"]:
         spread = "–" if v["draw_spread"] is None else f"{v['draw_spread']:.3g}"
         lines.append(f"| {v['text']} | {v['base_kld']:.4g} | {v['own']} {v['mean_kld'][v['own']]:.4g} | "
                      f"{v['best_other']} {v['mean_kld'][v['best_other']]:.4g} | {v['margin']:+.3g} | "
-                     f"{v['stderr_of_difference']:.3g} | {spread} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
+                     + " / ".join(f"{m:+.3g}" for m in v["margin_by_draw"]) + f" | {v['stderr_of_difference']:.3g} | "
+                     f"{spread} | {'**yes**' if v['wins_beyond_noise'] else 'no'} |")
     return "\n".join(lines)
 
 
