@@ -30,19 +30,7 @@ FUSED_TYPES = QUANT_TYPES + [T.F16, T.BF16, T.F32]
 RANKS = (0, 1, 16, 64, 128)
 BATCHES = (1, 4, 16, 64)
 NMSE = 1e-6  # fp32 accumulation against the fp64 reference
-EORA_ERR_CUDA = 7
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_native() -> None:
-    if not _native.available():
-        try:
-            _native.ffi_lib()
-        except _native.NativeUnavailable as exc:
-            reason = str(exc)
-        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(f"native library not built: {reason}")
+pytestmark = pytest.mark.usefixtures("native")
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +93,12 @@ def test_cuda_entry_points_say_unavailable_without_a_gpu() -> None:
     ffi, lib = _native.ffi_lib()
     raw, x, a, b = case(T.Q8_0, 8, 64, 1, 0, "F16", 2)
     assert lib.eora_cuda_available() == 0
+    no_cuda = _native.const("EORA_ERR_CUDA")
     assert lib.eora_cuda_dequantize_host(int(T.Q8_0), ffi.from_buffer(raw), raw.nbytes, 512,
-                                         ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32))), 2048) == EORA_ERR_CUDA
+                                         ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32))), 2048) == no_cuda
     assert "CPU" in ffi.string(lib.eora_last_error()).decode()
-    assert lib.eora_cuda_fused_matmul(int(T.Q8_0), ffi.NULL, 0, 8, 64, ffi.NULL, 0, 1, 0, ffi.NULL, 0, 0, ffi.NULL, 0,
-                                      0, ffi.NULL, 0, ffi.NULL, 0, ffi.NULL) == EORA_ERR_CUDA
+    assert lib.eora_cuda_fused_matmul(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0, ffi.NULL, 0,
+                                      ffi.NULL) == no_cuda
     with pytest.raises(_native.NativeCudaError, match="cuda_fused_matmul"):
         kernels.fused_matmul(raw, T.Q8_0, (8, 64), x, cuda_host=True)
     with pytest.raises(_native.NativeCudaError, match="cuda_dequantize"):
@@ -347,11 +336,17 @@ def test_cuda_error_codes(gpu) -> None:
         return ffi.cast(kind, t.data_ptr())
 
     def call(**kw):
-        args = dict(wt=int(T.Q4_K), w=ptr(tw), wn=raw.nbytes, d_out=d_out, d_in=d_in, x=ptr(tx, "float *"), xn=x.nbytes,
+        args = dict(wt=int(T.Q4_K), w=ptr(tw), wn=raw.nbytes, d_out=d_out, d_in=d_in, x=ptr(tx), xn=x.nbytes,
                     n=n, at=1, a=ptr(ta), an=a.nbytes, bt=1, b=ptr(tb), bn=b.nbytes, r=r, y=ptr(ty, "float *"),
                     yn=n * d_out * 4, ws=ptr(ws), wsn=int(ws_n[0]), stream=ffi.NULL)
         args.update(kw)
-        status = lib.eora_cuda_fused_matmul(*args.values())
+        g = args.get
+        status = lib.eora_cuda_fused_matmul(
+            _native.matrix(ffi, g("wt"), g("w"), g("wn"), g("d_out"), g("d_in")),
+            _native.matrix(ffi, 0, g("x"), g("xn"), g("n"), g("d_in")),
+            _native.matrix(ffi, g("at"), g("a"), g("an"), g("r"), g("d_in")),
+            _native.matrix(ffi, g("bt"), g("b"), g("bn"), g("d_out"), g("r")),
+            g("y"), g("yn"), g("ws"), g("wsn"), g("stream"))
         return status, ffi.string(lib.eora_last_error()).decode()
 
     assert call()[0] == 0
@@ -362,8 +357,8 @@ def test_cuda_error_codes(gpu) -> None:
         (dict(d_in=200), 3, "not a multiple"),
         (dict(wn=raw.nbytes - 1), 4, "weight buffer"),
         (dict(wsn=4), 4, "workspace"),
-        (dict(x=ffi.cast("float *", ffi.from_buffer(host_x))), 1, "not device memory"),
-        (dict(x=ffi.cast("float *", tx.data_ptr() + 4)), 1, "16-byte aligned"),
+        (dict(x=ffi.cast("void *", ffi.from_buffer(host_x))), 1, "not device memory"),
+        (dict(x=ffi.cast("void *", tx.data_ptr() + 4)), 1, "16-byte aligned"),
         (dict(y=ffi.NULL), 1, "must not be NULL"),
     ]
     for kw, status, msg in cases:

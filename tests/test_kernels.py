@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from eora_gguf import _native, kernels
 from eora_gguf.errors import EoraError
 
-pytestmark = pytest.mark.native
+pytestmark = [pytest.mark.native, pytest.mark.usefixtures("native")]
 
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 PY_QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -19,18 +19,6 @@ PY_QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.IQ4_NL: (0,),
               T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)}
 EXTREME_F16 = np.array([65504.0, -65504.0, 6.104e-5, -6.104e-5, 6e-8, -6e-8, 0.0, -0.0, 1.0], dtype=np.float16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_native() -> None:
-    if not _native.available():
-        try:
-            _native.ffi_lib()
-        except _native.NativeUnavailable as exc:
-            reason = str(exc)
-        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(f"native library not built: {reason}")
 
 
 def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, *, scale: float | None = None,

@@ -63,7 +63,7 @@ typedef enum {
 /* Flags for eora_fused_matmul (and the ISA caps for the other CPU calls). */
 enum {
     EORA_FLAG_F32_ACT = 1,     /* keep x in fp32 (dequantize weights, fp32 dot); default quantizes x to 8 bit */
-    EORA_FLAG_ISA_SCALAR = 2,  /* use the portable C kernels even where AVX2/AVX-512 are present */
+    EORA_FLAG_ISA_SCALAR = 2,  /* use the portable C kernels (twins of the AVX2 ones: their bits) on any CPU */
     EORA_FLAG_ISA_AVX2 = 4,    /* use at most AVX2 (for testing that path on an AVX-512 machine) */
     EORA_FLAG_ROUNDED = 8      /* eora_lora_t / _add: the input already holds F16 values (eora_lora_round_f16) */
 };

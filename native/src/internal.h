@@ -63,6 +63,12 @@ static inline float eora_bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* The AVX2 kernels' reduction of eight fp32 lanes (add the 128-bit halves, then movehl, then movehdup), for the
+ * portable twins that reproduce their bits. */
+static inline float eora_hsum8(const float v[8]) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
 typedef struct {
     int64_t block_elems;
     int64_t block_bytes;

@@ -583,11 +583,6 @@ static void K(quantize_direct)(int type, const float *x, int64_t d_in, eora_xq *
     }
 }
 
-/* The AVX2 reduction of eight lanes (hsum256). */
-static inline float hsum8(const float v[8]) {
-    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-
 /* One K-quant block: 256 unsigned codes in natural order, per 16-group the integer scale s and offset
  * multiplier m (w = d s c - dmin m), as the AVX2 decoder holds them. */
 typedef struct {
@@ -674,7 +669,7 @@ INL void dot_k_n(int type, const uint8_t *row, size_t bb, int64_t nb, const eora
     for (int t = 0; t < nt; t++) {
         float v[8];
         for (int j = 0; j < 8; j++) v[j] = accf[t][j] - accm[t][j];
-        out[t] = hsum8(v);
+        out[t] = eora_hsum8(v);
     }
 }
 
@@ -698,7 +693,7 @@ INL void dot_32_n(int type, const uint8_t *row, int64_t nb, const eora_xq *xs, c
             }
         }
     }
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+    for (int t = 0; t < nt; t++) out[t] = eora_hsum8(acc[t]);
 }
 #endif
 
