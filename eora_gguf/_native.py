@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 from importlib import resources
@@ -235,3 +237,33 @@ def cuda_describe() -> str:
     """One line: CUDA runtime, architectures built for, device (or why there is none)."""
     ffi, lib = ffi_lib()
     return ffi.string(lib.eora_cuda_describe()).decode(errors="replace")
+
+
+def build_helper(target: str, build_dir: Path, *, llama_source: Path | None = None,
+                 llama_lib: Path | None = None) -> Path:
+    """Build one C/C++ helper of the source tree (a target of tools/CMakeLists.txt: decode_lab, eora_cuda_emu,
+    ggml_lora_oracle, ggml_bench, vec_dot_stream, lora_speed) against this library; returns the built file.
+
+    tools/ is configured on its own in `build_dir` (CMake rebuilds only what changed); the ggml-based helpers need
+    a llama.cpp source tree and the folder of its shared libraries.
+    """
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise EoraError("cmake not found: install it (`pip install cmake` or your package manager) to build "
+                        f"the {target} helper")
+    src = _CHECKOUT / "tools"
+    if not (src / "CMakeLists.txt").is_file():
+        raise EoraError(f"{src}/CMakeLists.txt not found: the helpers build from a source checkout of eora-gguf")
+    flags = [f"-DEORA_NATIVE_LIB={library_path()}", "-DCMAKE_BUILD_TYPE=Release"]
+    if llama_source is not None and llama_lib is not None:
+        flags += [f"-DEORA_LLAMA_CPP_SRC={llama_source}", f"-DEORA_LLAMA_CPP_LIB={llama_lib}"]
+    for cmd in ([cmake, "-S", str(src), "-B", str(build_dir), *flags],
+                [cmake, "--build", str(build_dir), "--target", target, "-j", "2"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-12:]
+            raise EoraError(f"building the {target} helper failed ({' '.join(cmd[:3])}): " + " | ".join(tail))
+    for name in (target, f"lib{target}.so", f"lib{target}.dylib"):
+        if (build_dir / "bin" / name).is_file():
+            return build_dir / "bin" / name
+    raise EoraError(f"cmake built {target} but {build_dir}/bin holds no such file")

@@ -32,8 +32,16 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import _native
-from ._native import (NativeArgumentError, NativeError, NativeMemoryError, NativeShapeError, NativeUnavailable,
-                      available, cuda_available, cuda_describe)
+from ._native import (
+    NativeArgumentError,
+    NativeError,
+    NativeMemoryError,
+    NativeShapeError,
+    NativeUnavailable,
+    available,
+    cuda_available,
+    cuda_describe,
+)
 from .errors import EoraError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ Three layers:
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,10 +18,10 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from test_kernels import make_adapter, make_weight, nmse, random_blocks
 
 from eora_gguf import _native, kernels
 from eora_gguf.errors import EoraError
-from test_kernels import make_adapter, make_weight, nmse, random_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
@@ -94,8 +93,8 @@ def test_cuda_entry_points_say_unavailable_without_a_gpu() -> None:
     raw, x, a, b = case(T.Q8_0, 8, 64, 1, 0, "F16", 2)
     assert lib.eora_cuda_available() == 0
     no_cuda = _native.const("EORA_ERR_CUDA")
-    assert lib.eora_cuda_dequantize_host(int(T.Q8_0), ffi.from_buffer(raw), raw.nbytes, 512,
-                                         ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32))), 2048) == no_cuda
+    dst = ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32)))
+    assert lib.eora_cuda_dequantize_host(int(T.Q8_0), ffi.from_buffer(raw), raw.nbytes, 512, dst, 2048) == no_cuda
     assert "CPU" in ffi.string(lib.eora_last_error()).decode()
     assert lib.eora_cuda_fused_matmul(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0, ffi.NULL, 0,
                                       ffi.NULL) == no_cuda
@@ -141,13 +140,9 @@ int emu_ax_split(int64_t d_in, int64_t n_tokens, int64_t rank, int sm_count, int
 def emu(tmp_path_factory):
     import cffi
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx:
+    if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
         pytest.skip("no C++ compiler to build the CUDA host emulation")
-    out = tmp_path_factory.mktemp("emu") / "libeora_cuda_emu.so"
-    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC",
-           f"-I{ROOT / 'native' / 'src'}", str(ROOT / "native" / "src" / "cuda" / "emu.cpp"), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    out = _native.build_helper("eora_cuda_emu", tmp_path_factory.mktemp("emu"))
     ffi = cffi.FFI()
     ffi.cdef(EMU_CDEF)
     return ffi, ffi.dlopen(str(out))
@@ -182,16 +177,22 @@ def test_emulated_dequantize_bit_exact(emu, qtype: T) -> None:
             assert same_bits(out, kernels.dequantize(raw, qtype, (n,), reference=True))
 
 
+GRID_SHAPE = (131, 512)  # d_out = 131 leaves partial warps and blocks
+
+
+def grid_cases(qtype: T, seed: int):
+    """Every rank x batch (batches leave partial token groups): (rank, n, adapter kind, raw, x, a, b, reference)."""
+    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
+        kind = adapter_kind(rank, i)
+        raw, x, a, b = case(qtype, *GRID_SHAPE, n, rank, kind, seed + i)
+        yield rank, n, kind, raw, x, a, b, reference(raw, qtype, GRID_SHAPE, x, a, b, kind)
+
+
 @pytest.mark.native
 @pytest.mark.parametrize("qtype", FUSED_TYPES, ids=lambda t: t.name)
 def test_emulated_fused_matches_reference(emu, qtype: T) -> None:
-    """Every rank and batch; d_out = 131 leaves partial warps and blocks, batches leave partial token groups."""
-    d_out, d_in = 131, 512
-    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
-        kind = adapter_kind(rank, i)
-        raw, x, a, b = case(qtype, d_out, d_in, n, rank, kind, 1000 * int(qtype) + i)
-        y = emu_fused(emu, raw, qtype, (d_out, d_in), x, a, b, kind)
-        assert nmse(y, reference(raw, qtype, (d_out, d_in), x, a, b, kind)) <= NMSE, (rank, n, kind)
+    for rank, n, kind, raw, x, a, b, ref in grid_cases(qtype, 1000 * int(qtype)):
+        assert nmse(emu_fused(emu, raw, qtype, GRID_SHAPE, x, a, b, kind), ref) <= NMSE, (rank, n, kind)
 
 
 @pytest.mark.native
@@ -229,13 +230,10 @@ def test_cuda_dequantize_bit_exact(gpu, qtype: T) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype", FUSED_TYPES, ids=lambda t: t.name)
 def test_cuda_fused_host_matches_reference(gpu, qtype: T) -> None:
-    d_out, d_in = 131, 512
-    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
-        kind = adapter_kind(rank, i)
-        raw, x, a, b = case(qtype, d_out, d_in, n, rank, kind, 2000 * int(qtype) + i)
+    for rank, n, kind, raw, x, a, b, ref in grid_cases(qtype, 2000 * int(qtype)):
         kw = dict(a_type=kind, b_type=kind) if a is not None else {}
-        y = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, cuda_host=True, **kw)
-        assert nmse(y, reference(raw, qtype, (d_out, d_in), x, a, b, kind)) <= NMSE, (rank, n, kind)
+        y = kernels.fused_matmul(raw, qtype, GRID_SHAPE, x, a, b, cuda_host=True, **kw)
+        assert nmse(y, ref) <= NMSE, (rank, n, kind)
 
 
 @pytest.mark.cuda

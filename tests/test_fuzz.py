@@ -4,11 +4,10 @@ The long run with the sanitizer build is tools/fuzz.py (README: "Fuzzing").
 """
 from __future__ import annotations
 
+import fuzz_targets as ft
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import fuzz_targets as ft
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

@@ -7,9 +7,7 @@ llama.cpp's build_lora_mm on ggml's CPU backend and compares every output with o
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,17 +180,8 @@ def oracle(llama, native, tmp_path_factory):
     lib_dir = llama.bin_dir
     if not (lib_dir / "libggml-cpu.so").is_file() and not (lib_dir / "libggml-cpu.dylib").is_file():
         pytest.skip(f"no shared ggml libraries in {lib_dir} (a static LLAMA_CPP_DIR build?)")
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("oracle") / "ggml_lora_oracle"
-    eora_lib = _native.library_path()
-    src = Path(__file__).with_name("ggml_lora_oracle.c")
-    inc = [llama.source_dir / "ggml" / "include", _native.header_path().parent]
-    cmd = [cc, "-O2", "-o", str(exe), str(src), *[f"-I{p}" for p in inc], f"-L{lib_dir}", f"-L{eora_lib.parent}",
-           "-lggml", "-lggml-base", "-lggml-cpu", "-leora_native", "-lm", f"-Wl,-rpath,{lib_dir}:{eora_lib.parent}"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return exe
+    return _native.build_helper("ggml_lora_oracle", tmp_path_factory.mktemp("oracle"), llama_source=llama.source_dir,
+                                llama_lib=lib_dir)
 
 
 @pytest.mark.native
