@@ -4,7 +4,7 @@
  *   mode 2: eora_fused_matmul on the same bytes (rank 0 = base only), timed the same way
  * usage: ggml_bench TYPE D_OUT D_IN N_TOKENS RANK THREADS ITERS REPACK(0|1) MODE(0|1) ADAPTER_TYPE
  * Prints one JSON line: median and min seconds per graph, and the weight buffer type actually used.
- * Built by tools/bench_fused.py against the headers and libraries of that llama.cpp. */
+ * Built by tools/bench_fused.py (the CMake target ggml_bench of tools/CMakeLists.txt) against that llama.cpp. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
