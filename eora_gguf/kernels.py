@@ -6,9 +6,9 @@ Inputs may be numpy arrays or CPU torch tensors; quantized data is the raw GGUF 
 Tensor types are `gguf.GGMLQuantizationType` members or their names ("Q4_K").
 
 Accuracy of the default (optimized) fused path: each token of x is quantized to int8 with scale
-max|x_block|/127, as llama.cpp's CPU backend does (Q8_K / Q8_0): blocks of 256 for Q2_K..Q6_K weights on the
-AVX2/AVX-512 direct kernels, blocks of 32 otherwise. Each x element carries an error of at most half a step
-(max|x_block|/254). The weight side stays exact (integer codes times their fp32 scales: the integer sums are
+max|x_block|/127, as llama.cpp's CPU backend does (Q8_K / Q8_0): blocks of 256 for Q2_K..Q6_K weights (the
+direct kernels, on every instruction set), blocks of 32 otherwise. Each x element carries an error of at most
+half a step (max|x_block|/254). The weight side stays exact (integer codes times their fp32 scales: the integer sums are
 exact, tested), and the adapter (A x, then B t) is computed in fp32. For random-like data this gives a
 normalized squared error nmse = sum((y - y_exact)^2) / sum(y_exact^2) of about
 (1/254)^2 / 3 * E[max|x_block|^2] / E[x^2] -- measured ~3e-5 (32-blocks) and ~5e-5 to 6e-5 (256-blocks) for

@@ -37,7 +37,8 @@ typedef struct {
 } variant;
 
 static const variant VARIANTS[] = {
-    {1, "W rows, then the adapter rows, no prefetch (EORA_LLAMA_PREFETCH=0)", 0, PF_NONE, SPREAD, 0, 0, 0, "kept as the switch"},
+    {1, "W rows, then the adapter rows, no prefetch (EORA_LLAMA_PREFETCH=0)", 0, PF_NONE, SPREAD, 0, 0, 0,
+     "kept as the switch"},
     {2, "W and adapter rows interleaved in chunks of 8 W rows, no prefetch", 8, PF_NONE, SPREAD, 0, 0, 0, "rejected"},
     {3, "interleaved, the adapter chunk prefetched before its W rows", 8, PF_T0, CHUNK_BEFORE, 0, 0, 0, "rejected"},
     {4, "interleaved, adapter and W chunks prefetched", 8, PF_T0, CHUNK_BEFORE, 1, 0, 0, "rejected"},
@@ -146,10 +147,12 @@ static void adapter_rows(const op_ctx *c, int is_a, const float *in, float *out,
     if (k0 >= k1) return;
     const int64_t d = c->L->d, r = c->L->rank;
     if (is_a) {
-        eora_matrix am = {EORA_TYPE_F16, c->L->a, (size_t)(r * d * 2), r, d}, xm = {EORA_TYPE_F32, in, (size_t)d * 4, 1, d};
+        eora_matrix am = {EORA_TYPE_F16, c->L->a, (size_t)(r * d * 2), r, d};
+        eora_matrix xm = {EORA_TYPE_F32, in, (size_t)d * 4, 1, d};
         check(eora_lora_t(&am, &xm, EORA_ORDER_VEC8, k0, k1, out, (size_t)r * 4, NULL, 0, EORA_FLAG_ROUNDED), "lora_t");
     } else {
-        eora_matrix bm = {EORA_TYPE_F16, c->L->b, (size_t)(d * r * 2), d, r}, tm = {EORA_TYPE_F32, in, (size_t)r * 4, 1, r};
+        eora_matrix bm = {EORA_TYPE_F16, c->L->b, (size_t)(d * r * 2), d, r};
+        eora_matrix tm = {EORA_TYPE_F32, in, (size_t)r * 4, 1, r};
         check(eora_lora_add(&bm, &tm, 1.0f, EORA_ORDER_VEC8, k0, k1, out, (size_t)d * 4, NULL, 0, EORA_FLAG_ROUNDED),
               "lora_add");
     }
@@ -175,7 +178,8 @@ static void run_op(const op_ctx *c, int64_t r0, int64_t r1, int is_a, const floa
                 if (p1 > m_rows) p1 = m_rows;
                 for (const char *p = m + p0 * m_row_bytes; p < m + p1 * m_row_bytes; p += 64) prefetch(p, v->pf);
                 if (v->pf_w)
-                    for (const char *p = (const char *)(c->L->w + w0 * nb); p < (const char *)(c->L->w + w1 * nb); p += 64)
+                    for (const char *p = (const char *)(c->L->w + w0 * nb), *e = (const char *)(c->L->w + w1 * nb);
+                         p < e; p += 64)
                         prefetch(p, v->pf);
             }
             for (int64_t o = w0; o < w1; o++) c->y[o] += w_row(c->L->w + o * nb, c->xq, nb);
@@ -258,10 +262,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--calls")) calls = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--only")) only = argv[i + 1];
         else if (!strcmp(argv[i], "--json")) json = argv[i + 1];
-        else { fprintf(stderr, "decode_lab: unknown option %s (see the comment at the top of decode_lab.c)\n", argv[i]); return 2; }
+        else {
+            fprintf(stderr, "decode_lab: unknown option %s (see the comment at the top of decode_lab.c)\n", argv[i]);
+            return 2;
+        }
     }
     if (d <= 0 || d % 64 || rank <= 0 || rank % 64 || rank > d || rounds < 1 || calls < 1) {
-        fprintf(stderr, "decode_lab: --d and --rank must be positive multiples of 64 (rank <= d), rounds and calls >= 1\n");
+        fprintf(stderr, "decode_lab: --d and --rank must be positive multiples of 64 (rank <= d), "
+                        "rounds and calls >= 1\n");
         return 2;
     }
     const size_t w_bytes = (size_t)(d * (d / 32)) * sizeof(blk_q8), ab_bytes = (size_t)(2 * rank * d * 2);
@@ -280,7 +288,10 @@ int main(int argc, char **argv) {
             L->w[b].d = f32_to_f16(0.01f * (1.5f + frand()));
             for (int i = 0; i < 32; i++) L->w[b].qs[i] = (int8_t)(127.0f * frand());
         }
-        for (int64_t i = 0; i < rank * d; i++) L->a[i] = f32_to_f16(0.05f * frand()), L->b[i] = f32_to_f16(0.05f * frand());
+        for (int64_t i = 0; i < rank * d; i++) {
+            L->a[i] = f32_to_f16(0.05f * frand());
+            L->b[i] = f32_to_f16(0.05f * frand());
+        }
     }
     float *x = malloc(sizeof(float) * (size_t)d), *xr = malloc(sizeof(float) * (size_t)d);
     float *y = malloc(sizeof(float) * (size_t)d), *y1 = malloc(sizeof(float) * (size_t)d);
@@ -315,7 +326,8 @@ int main(int argc, char **argv) {
     }
 
     /* benchmark: rounds of `calls` calls per variant, variants in a rotated order each round */
-    double *ms = calloc((size_t)(N_VARIANTS * rounds), sizeof(double)), *stream_ms = calloc((size_t)rounds, sizeof(double));
+    double *ms = calloc((size_t)(N_VARIANTS * rounds), sizeof(double));
+    double *stream_ms = calloc((size_t)rounds, sizeof(double));
     int layer_at = 1;
     volatile double sink = 0;
     for (int r = 0; r < rounds; r++) {
