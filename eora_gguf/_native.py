@@ -6,12 +6,17 @@ EORA_API macro removed. Nothing is loaded at import time; the first native call 
 if that fails, raises NativeUnavailable naming every path tried and how to rebuild.
 
 Search order: $EORA_GGUF_LIB, the installed package directory, then build/ folders of a source checkout.
+The header is the one source of truth for the ABI: its constants (EORA_ABI_VERSION, the eora_status codes, the
+flags, the eora_type numbers) are read through `lib` (`const`), never copied here, and a library whose
+eora_abi_version() differs from the header's EORA_ABI_VERSION is refused.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 from importlib import resources
@@ -22,7 +27,6 @@ from .errors import EoraError
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 3
 _LIB_NAMES = {"linux": "libeora_native.so", "darwin": "libeora_native.dylib", "win32": "eora_native.dll"}
 LIB_NAME = _LIB_NAMES.get(sys.platform, "libeora_native.so")
 HEADER_NAME = "eora_native.h"
@@ -57,13 +61,19 @@ class NativeMemoryError(NativeError, MemoryError):
     """Scratch allocation failed."""
 
 
+class NativeInternalError(NativeError, RuntimeError):
+    """A thread failed to start, or a bug in the library."""
+
+
 class NativeCudaError(NativeError, RuntimeError):
     """CUDA not built into the library, no usable device, or a CUDA runtime error."""
 
 
-_STATUS_ERRORS: dict[int, type[NativeError]] = {
-    1: NativeArgumentError, 2: NativeTypeError, 3: NativeShapeError, 4: NativeBufferError, 5: NativeMemoryError,
-    7: NativeCudaError,
+# eora_status member (by name: the numbers come from the header) -> exception
+STATUS_ERRORS: dict[str, type[NativeError]] = {
+    "EORA_ERR_ARGUMENT": NativeArgumentError, "EORA_ERR_TYPE": NativeTypeError, "EORA_ERR_SHAPE": NativeShapeError,
+    "EORA_ERR_BUFFER": NativeBufferError, "EORA_ERR_MEMORY": NativeMemoryError,
+    "EORA_ERR_INTERNAL": NativeInternalError, "EORA_ERR_CUDA": NativeCudaError,
 }
 
 
@@ -139,9 +149,9 @@ class _Library:
             except OSError as exc:
                 tried.append(f"{path} ({exc})")
                 continue
-            version = lib.eora_abi_version()
-            if version != ABI_VERSION:
-                tried.append(f"{path} (ABI version {version}, this binding needs {ABI_VERSION})")
+            version, want = lib.eora_abi_version(), lib.EORA_ABI_VERSION
+            if version != want:
+                tried.append(f"{path} (ABI version {version}, its header {header_path(path)} declares {want})")
                 continue
             log.debug("loaded %s (cpu path %s)", path, ffi.string(lib.eora_cpu_path()).decode())
             return ffi, lib, path
@@ -183,13 +193,31 @@ def available() -> bool:
         return False
 
 
+def const(name: str) -> int:
+    """A constant of the header (EORA_ABI_VERSION, EORA_FLAG_*, EORA_ERR_*, EORA_TYPE_*, EORA_ORDER_*)."""
+    _, lib = ffi_lib()
+    return int(getattr(lib, name))
+
+
+def status_names() -> dict[int, str]:
+    """Every eora_status of the header: value -> name."""
+    ffi, _ = ffi_lib()
+    return dict(ffi.typeof("eora_status").elements)
+
+
 def check(status: int, what: str = "") -> None:
     """Raise the typed exception for a non-zero status, with the library's message."""
     if status == 0:
         return
     ffi, lib = ffi_lib()
     msg = ffi.string(lib.eora_last_error()).decode(errors="replace") or f"status {status}"
-    raise _STATUS_ERRORS.get(status, NativeError)(f"{what}: {msg}" if what and not msg.startswith(what) else msg)
+    cls = STATUS_ERRORS.get(status_names().get(status, ""), NativeError)
+    raise cls(f"{what}: {msg}" if what and not msg.startswith(what) else msg)
+
+
+def matrix(ffi: Any, type_: int, data: Any, nbytes: int, rows: int, cols: int) -> Any:
+    """An `eora_matrix *` descriptor (the caller keeps `data` alive for the call)."""
+    return ffi.new("eora_matrix *", {"type": int(type_), "data": data, "bytes": nbytes, "rows": rows, "cols": cols})
 
 
 def cpu_path() -> str:
@@ -209,3 +237,33 @@ def cuda_describe() -> str:
     """One line: CUDA runtime, architectures built for, device (or why there is none)."""
     ffi, lib = ffi_lib()
     return ffi.string(lib.eora_cuda_describe()).decode(errors="replace")
+
+
+def build_helper(target: str, build_dir: Path, *, llama_source: Path | None = None,
+                 llama_lib: Path | None = None) -> Path:
+    """Build one C/C++ helper of the source tree (a target of tools/CMakeLists.txt: decode_lab, eora_cuda_emu,
+    ggml_lora_oracle, ggml_bench, vec_dot_stream, lora_speed) against this library; returns the built file.
+
+    tools/ is configured on its own in `build_dir` (CMake rebuilds only what changed); the ggml-based helpers need
+    a llama.cpp source tree and the folder of its shared libraries.
+    """
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise EoraError("cmake not found: install it (`pip install cmake` or your package manager) to build "
+                        f"the {target} helper")
+    src = _CHECKOUT / "tools"
+    if not (src / "CMakeLists.txt").is_file():
+        raise EoraError(f"{src}/CMakeLists.txt not found: the helpers build from a source checkout of eora-gguf")
+    flags = [f"-DEORA_NATIVE_LIB={library_path()}", "-DCMAKE_BUILD_TYPE=Release"]
+    if llama_source is not None and llama_lib is not None:
+        flags += [f"-DEORA_LLAMA_CPP_SRC={llama_source}", f"-DEORA_LLAMA_CPP_LIB={llama_lib}"]
+    for cmd in ([cmake, "-S", str(src), "-B", str(build_dir), *flags],
+                [cmake, "--build", str(build_dir), "--target", target, "-j", "2"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = (res.stderr.strip() or res.stdout.strip()).splitlines()[-12:]
+            raise EoraError(f"building the {target} helper failed ({' '.join(cmd[:3])}): " + " | ".join(tail))
+    for name in (target, f"lib{target}.so", f"lib{target}.dylib"):
+        if (build_dir / "bin" / name).is_file():
+            return build_dir / "bin" / name
+    raise EoraError(f"cmake built {target} but {build_dir}/bin holds no such file")

@@ -6,9 +6,9 @@ Inputs may be numpy arrays or CPU torch tensors; quantized data is the raw GGUF 
 Tensor types are `gguf.GGMLQuantizationType` members or their names ("Q4_K").
 
 Accuracy of the default (optimized) fused path: each token of x is quantized to int8 with scale
-max|x_block|/127, as llama.cpp's CPU backend does (Q8_K / Q8_0): blocks of 256 for Q2_K..Q6_K weights on the
-AVX2/AVX-512 direct kernels, blocks of 32 otherwise. Each x element carries an error of at most half a step
-(max|x_block|/254). The weight side stays exact (integer codes times their fp32 scales: the integer sums are
+max|x_block|/127, as llama.cpp's CPU backend does (Q8_K / Q8_0): blocks of 256 for Q2_K..Q6_K weights (the
+direct kernels, on every instruction set), blocks of 32 otherwise. Each x element carries an error of at most
+half a step (max|x_block|/254). The weight side stays exact (integer codes times their fp32 scales: the integer sums are
 exact, tested), and the adapter (A x, then B t) is computed in fp32. For random-like data this gives a
 normalized squared error nmse = sum((y - y_exact)^2) / sum(y_exact^2) of about
 (1/254)^2 / 3 * E[max|x_block|^2] / E[x^2] -- measured ~3e-5 (32-blocks) and ~5e-5 to 6e-5 (256-blocks) for
@@ -23,6 +23,7 @@ for validation. `cuda_available()` says whether that can work here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,19 +47,25 @@ from .errors import EoraError
 log = logging.getLogger(__name__)
 
 __all__ = ["dequantize", "fused_matmul", "available", "cuda_available", "cuda_describe", "NativeError",
-           "NativeUnavailable", "SUPPORTED_TYPES", "ADAPTER_TYPES", "QUANTIZED_ACT_NMSE", "block_info"]
+           "NativeUnavailable", "supported_types", "ADAPTER_TYPES", "QUANTIZED_ACT_NMSE", "block_info"]
 
 T = GGMLQuantizationType
-SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
-                   T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 ADAPTER_TYPES = (T.F32, T.F16, T.Q8_0)
 QUANTIZED_ACT_NMSE = 2e-4
-_FLAG_F32_ACT, _FLAG_ISA_SCALAR, _FLAG_ISA_AVX2 = 1, 2, 4
-_ISA_FLAGS = {None: 0, "native": 0, "avx2": _FLAG_ISA_AVX2, "scalar": _FLAG_ISA_SCALAR}
+# isa= -> the header's flag that caps the instruction set (None: the best this CPU has)
+_ISA_FLAGS = {None: None, "native": None, "avx2": "EORA_FLAG_ISA_AVX2", "scalar": "EORA_FLAG_ISA_SCALAR"}
 
 
-def _qtype(qtype: GGMLQuantizationType | str | int, allowed: Sequence[GGMLQuantizationType] = SUPPORTED_TYPES,
+@functools.lru_cache(maxsize=1)
+def supported_types() -> tuple[GGMLQuantizationType, ...]:
+    """The weight types the library supports: the members of the header's eora_type (ggml's numbers)."""
+    ffi, _ = _native.ffi_lib()
+    return tuple(T(v) for v in sorted(ffi.typeof("eora_type").elements))
+
+
+def _qtype(qtype: GGMLQuantizationType | str | int, allowed: Sequence[GGMLQuantizationType] | None = None,
            what: str = "tensor") -> GGMLQuantizationType:
+    allowed = supported_types() if allowed is None else allowed
     try:
         if isinstance(qtype, str):
             t = GGMLQuantizationType[qtype.upper()]
@@ -154,7 +161,8 @@ def dequantize(raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[int]
     return out
 
 
-def _adapter_part(m: Any, given: GGMLQuantizationType | str | None, what: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+def _adapter_part(m: Any, given: GGMLQuantizationType | str | None,
+                  what: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     arr = _as_numpy(m, what)
     if given is not None:
         t = _qtype(given, ADAPTER_TYPES, what)
@@ -230,20 +238,22 @@ def fused_matmul(w_raw: Any, qtype: GGMLQuantizationType | str, shape: Sequence[
         raise NativeArgumentError(f"threads must be an integer in [1, 4096], got {threads!r}")
     ffi, lib = _native.ffi_lib()
     y = _empty((xs.shape[0], d_out), "output y")
-    wp, wb = _buffer(ffi, w)
-    ap, ab = _buffer(ffi, an)
-    bp, bb = _buffer(ffi, bn)
-    common = (int(t), wp, wb, d_out, d_in, ffi.cast("float *", ffi.from_buffer(xs)), xs.nbytes, xs.shape[0],
-              int(at), ap, ab, int(bt), bp, bb, rank, ffi.cast("float *", ffi.from_buffer(y)), y.nbytes)
+    n = xs.shape[0]
+    wm = _native.matrix(ffi, t, *_buffer(ffi, w), d_out, d_in)
+    xm = _native.matrix(ffi, T.F32, *_buffer(ffi, xs), n, d_in)
+    am = _native.matrix(ffi, at, *_buffer(ffi, an), rank, d_in) if rank else ffi.NULL
+    bm = _native.matrix(ffi, bt, *_buffer(ffi, bn), d_out, rank) if rank else ffi.NULL
+    args = (wm, xm, am, bm, ffi.cast("float *", ffi.from_buffer(y)), y.nbytes)
     if reference and cuda_host:
         raise EoraError("pick one of reference and cuda_host")
     if reference:
-        _native.check(lib.eora_fused_matmul_ref(*common), "fused_matmul_ref")
+        _native.check(lib.eora_fused_matmul_ref(*args), "fused_matmul_ref")
     elif cuda_host:
-        _native.check(lib.eora_cuda_fused_matmul_host(*common), "cuda_fused_matmul")
+        _native.check(lib.eora_cuda_fused_matmul_host(*args), "cuda_fused_matmul")
     else:
-        flags = _ISA_FLAGS[isa] | (_FLAG_F32_ACT if f32_activations else 0)
-        _native.check(lib.eora_fused_matmul(*common, threads or 0, flags), "fused_matmul")
+        flags = (_native.const(_ISA_FLAGS[isa]) if _ISA_FLAGS[isa] else 0) | (
+            _native.const("EORA_FLAG_F32_ACT") if f32_activations else 0)
+        _native.check(lib.eora_fused_matmul(*args, threads or 0, flags), "fused_matmul")
     out = y[0] if squeeze else y
     if is_torch:
         import torch
@@ -261,11 +271,17 @@ def _is_cuda(v: Any) -> bool:
 def _cuda_input(v: Any, what: str, device: Any) -> Any:
     """v as a contiguous tensor on `device`; copied if its data pointer is not 16-byte aligned."""
     if not _is_cuda(v):
-        raise EoraError(f"{what} is not a CUDA tensor: pass w_raw, x, a and b all on one CUDA device, or all on the CPU")
+        raise EoraError(f"{what} is not a CUDA tensor: pass w_raw, x, a and b all on one CUDA device, "
+                        "or all on the CPU")
     if v.device != device:
         raise EoraError(f"{what} is on {v.device} but x is on {device}: put every input on one device")
     v = v.detach().contiguous()
     return v if v.data_ptr() % 16 == 0 else v.clone()
+
+
+def _cuda_buffer(ffi: Any, v: Any) -> tuple[Any, int]:
+    """(device pointer, bytes) of a contiguous CUDA tensor."""
+    return ffi.cast("void *", v.data_ptr()), v.numel() * v.element_size()
 
 
 def _stream_ptr(ffi: Any, device: Any) -> Any:
@@ -282,9 +298,8 @@ def _cuda_dequantize(raw: Any, t: GGMLQuantizationType, shape: Sequence[int]) ->
     n = int(np.prod(shape))
     ffi, lib = _native.ffi_lib()
     out = torch.empty(shape, dtype=torch.float32, device=raw.device)
-    nbytes = raw.numel() * raw.element_size()
     with torch.cuda.device(raw.device):
-        _native.check(lib.eora_cuda_dequantize(int(t), ffi.cast("void *", raw.data_ptr()), nbytes, n,
+        _native.check(lib.eora_cuda_dequantize(int(t), *_cuda_buffer(ffi, raw), n,
                                                ffi.cast("float *", out.data_ptr()), out.numel() * 4,
                                                _stream_ptr(ffi, raw.device)), "cuda_dequantize")
     return out
@@ -319,25 +334,23 @@ def _cuda_fused(w_raw: Any, t: GGMLQuantizationType, d_out: int, d_in: int, x: A
     if (a is None) != (b is None):
         raise EoraError("pass both a and b for an adapter, or neither")
     ffi, lib = _native.ffi_lib()
-    rank, at, bt = 0, T.F32, T.F32
-    ap = bp = ffi.NULL
-    an = bn = 0
+    rank, am, bm = 0, ffi.NULL, ffi.NULL
     if a is not None:
         a = _cuda_input(a, "a", device)
         b = _cuda_input(b, "b", device)
         at, bt = _cuda_adapter_type(a, a_type, "a"), _cuda_adapter_type(b, b_type, "b")
         rank = a.shape[0]
-        ap, an = ffi.cast("void *", a.data_ptr()), a.numel() * a.element_size()
-        bp, bn = ffi.cast("void *", b.data_ptr()), b.numel() * b.element_size()
+        am = _native.matrix(ffi, at, *_cuda_buffer(ffi, a), rank, d_in)
+        bm = _native.matrix(ffi, bt, *_cuda_buffer(ffi, b), d_out, rank)
     n = xs.shape[0]
     y = torch.empty((n, d_out), dtype=torch.float32, device=device)
     ws_bytes = ffi.new("size_t *")
     _native.check(lib.eora_cuda_workspace_bytes(d_in, n, rank, ws_bytes), "cuda_fused_matmul")
     ws = torch.empty(max(int(ws_bytes[0]), 1), dtype=torch.uint8, device=device)
+    wm = _native.matrix(ffi, t, *_cuda_buffer(ffi, w), d_out, d_in)
+    xm = _native.matrix(ffi, T.F32, *_cuda_buffer(ffi, xs), n, d_in)
     with torch.cuda.device(device):
         _native.check(lib.eora_cuda_fused_matmul(
-            int(t), ffi.cast("void *", w.data_ptr()), w.numel() * w.element_size(), d_out, d_in,
-            ffi.cast("float *", xs.data_ptr()), xs.numel() * 4, n, int(at), ap, an, int(bt), bp, bn, rank,
-            ffi.cast("float *", y.data_ptr()), y.numel() * 4, ffi.cast("void *", ws.data_ptr()), ws.numel(),
-            _stream_ptr(ffi, device)), "cuda_fused_matmul")
+            wm, xm, am, bm, ffi.cast("float *", y.data_ptr()), y.numel() * 4, ffi.cast("void *", ws.data_ptr()),
+            ws.numel(), _stream_ptr(ffi, device)), "cuda_fused_matmul")
     return y[0] if squeeze else y

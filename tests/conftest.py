@@ -129,3 +129,19 @@ def adapter_products(path) -> dict:
 
     _, pairs = read_gguf_lora(path)
     return {n: b.astype("float64") @ a.astype("float64") for n, (b, a) in pairs.items()}
+
+
+# ---- the native library (shared by the native test files: test_native*, test_kernels, test_cuda, test_lora,
+# test_fuzz) ----
+
+@pytest.fixture(scope="module")
+def native():
+    """(ffi, lib) of libeora_native. Skips when it is not built, fails instead with EORA_GGUF_REQUIRE_NATIVE=1."""
+    from eora_gguf import _native
+
+    try:
+        return _native.ffi_lib()
+    except _native.NativeUnavailable as exc:
+        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(f"native library not built: {exc}")

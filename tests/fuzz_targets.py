@@ -28,7 +28,6 @@ T = gguf.GGMLQuantizationType
 CONFIG = dict(model_type="llama", num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, intermediate_size=128)
 _QTYPES = (T.Q8_0, T.Q4_0, T.F16, T.Q5_1, T.F32, T.Q4_1, T.BF16)
-STATUS_MAX = 7
 
 
 def _tmpdir() -> Path:
@@ -164,8 +163,28 @@ def _buffer(draw: Any, ffi: Any, label: str, *, max_bytes: int = 4096) -> tuple[
     return ffi.cast("void *", ffi.from_buffer(arr)), stated, arr
 
 
+def _matrix(draw: Any, ffi: Any, label: str, p: Any, nbytes: int, type_: int, rows: int, cols: int,
+            keep: list) -> Any:
+    """An eora_matrix * over (p, nbytes) of the given type and shape, sometimes another type or size, or NULL."""
+    if draw(st.integers(0, 15), label=f"{label} desc null") == 0:
+        return ffi.NULL
+    if draw(st.integers(0, 7), label=f"{label} odd type") == 0:
+        type_ = draw(st.sampled_from(_TYPES))
+    if draw(st.integers(0, 7), label=f"{label} odd rows") == 0:
+        rows = _dim(draw)
+    if draw(st.integers(0, 7), label=f"{label} odd cols") == 0:
+        cols = _dim(draw)
+    from eora_gguf import _native
+
+    m = _native.matrix(ffi, type_, p, nbytes, rows, cols)
+    keep.append(m)
+    return m
+
+
 def _check_status(ffi: Any, lib: Any, status: int, fn: str) -> None:
-    assert 0 <= status <= STATUS_MAX, f"{fn} returned status {status}"
+    from eora_gguf import _native
+
+    assert status in _native.status_names(), f"{fn} returned status {status}"
     if status:
         msg = ffi.string(lib.eora_last_error()).decode(errors="replace")
         assert msg and "\n" not in msg, f"{fn} failed without a one-line message: {msg!r}"
@@ -217,9 +236,11 @@ def target_native_valid(data: Any) -> None:
         a = _random_bytes(draw, rank * d_in // _BLOCKS[at][0] * _BLOCKS[at][1]) if rank else None
         b = _random_bytes(draw, d_out * rank // _BLOCKS[bt][0] * _BLOCKS[bt][1]) if rank else None
         y = np.empty((n_tok, d_out), np.float32)
-        args = (t, ptr(w), w.nbytes, d_out, d_in, ffi.cast("float *", ffi.from_buffer(x)), x.nbytes, n_tok,
-                at, ptr(a) if rank else ffi.NULL, a.nbytes if rank else 0, bt, ptr(b) if rank else ffi.NULL,
-                b.nbytes if rank else 0, rank, ffi.cast("float *", ffi.from_buffer(y)), y.nbytes)
+        args = (_native.matrix(ffi, t, ptr(w), w.nbytes, d_out, d_in),
+                _native.matrix(ffi, 0, ptr(x), x.nbytes, n_tok, d_in),
+                _native.matrix(ffi, at, ptr(a), a.nbytes, rank, d_in) if rank else ffi.NULL,
+                _native.matrix(ffi, bt, ptr(b), b.nbytes, d_out, rank) if rank else ffi.NULL,
+                ffi.cast("float *", ffi.from_buffer(y)), y.nbytes)
         if draw(st.booleans()):
             status = lib.eora_fused_matmul(*args, draw(st.integers(0, 2)), draw(st.sampled_from((0, 1, 2, 4, 5, 3))))
         else:
@@ -238,14 +259,14 @@ def target_native_valid(data: Any) -> None:
         out = np.zeros((n_tok, rows), np.float32)
         scratch = np.empty(max(lib.eora_lora_scratch(k, n_tok), 1), np.uint8)
         flags = draw(st.sampled_from((0, 2, 4)))
-        fp = ffi.cast("float *", ffi.from_buffer(v))
+        mm = _native.matrix(ffi, mtype, ptr(m), m.nbytes, rows, k)
+        vm = _native.matrix(ffi, 0, ptr(v), v.nbytes, n_tok, k)
         op = ffi.cast("float *", ffi.from_buffer(out))
         if draw(st.booleans()):
-            status = lib.eora_lora_t(mtype, ptr(m), m.nbytes, rows, k, fp, v.nbytes, n_tok, order, r0, r1, op,
-                                     out.nbytes, ptr(scratch), scratch.nbytes, flags)
+            status = lib.eora_lora_t(mm, vm, order, r0, r1, op, out.nbytes, ptr(scratch), scratch.nbytes, flags)
         else:
-            status = lib.eora_lora_add(mtype, ptr(m), m.nbytes, rows, k, fp, v.nbytes, n_tok, 0.5, order, r0, r1, op,
-                                       out.nbytes, ptr(scratch), scratch.nbytes, flags)
+            status = lib.eora_lora_add(mm, vm, 0.5, order, r0, r1, op, out.nbytes, ptr(scratch), scratch.nbytes,
+                                       flags)
     msg = ffi.string(lib.eora_last_error()).decode(errors="replace")
     assert status == 0, f"{fn} refused consistent arguments: status {status}: {msg}"
 
@@ -282,8 +303,11 @@ def target_native(data: Any) -> None:
         a, a_n = buf("a")
         b, b_n = buf("b")
         y, y_n = buf("y")
-        args = (draw(st.sampled_from(_TYPES)), w, w_n, _dim(draw), _dim(draw), ffi.cast("float *", x), x_n, _dim(draw),
-                draw(st.sampled_from(_TYPES)), a, a_n, draw(st.sampled_from(_TYPES)), b, b_n, _dim(draw),
+        d_out, d_in, n_tok, rank = _dim(draw), _dim(draw), _dim(draw), _dim(draw)
+        args = (_matrix(draw, ffi, "w", w, w_n, draw(st.sampled_from(_TYPES)), d_out, d_in, keep),
+                _matrix(draw, ffi, "x", x, x_n, 0, n_tok, d_in, keep),
+                _matrix(draw, ffi, "a", a, a_n, draw(st.sampled_from(_TYPES)), rank, d_in, keep),
+                _matrix(draw, ffi, "b", b, b_n, draw(st.sampled_from(_TYPES)), d_out, rank, keep),
                 ffi.cast("float *", y), y_n)
         if fn == "fused_matmul":
             status = lib.eora_fused_matmul(*args, draw(st.sampled_from((0, 1, 2, -1))), draw(st.integers(0, 31)))
@@ -299,13 +323,14 @@ def target_native(data: Any) -> None:
         r0 = draw(st.one_of(st.sampled_from((0, 1, -1)), st.integers(-2, 600)))
         r1 = draw(st.one_of(st.sampled_from((0, 1, -1)), st.integers(-2, 600)))
         mtype, flags = draw(st.sampled_from((0, 1, 8, 30, 99))), draw(st.integers(0, 31))
+        mm = _matrix(draw, ffi, "matrix", m, m_n, mtype, rows, k, keep)
+        vm = _matrix(draw, ffi, "input", v, v_n, 0, n_tok, k, keep)
         if fn == "lora_t":
-            status = lib.eora_lora_t(mtype, m, m_n, rows, k, ffi.cast("float *", v), v_n, n_tok, order, r0, r1,
-                                     ffi.cast("float *", out), out_n, scratch, s_n, flags)
+            status = lib.eora_lora_t(mm, vm, order, r0, r1, ffi.cast("float *", out), out_n, scratch, s_n, flags)
         else:
             scale = draw(st.floats(allow_nan=True, allow_infinity=True, width=32))
-            status = lib.eora_lora_add(mtype, m, m_n, rows, k, ffi.cast("float *", v), v_n, n_tok, scale, order,
-                                       r0, r1, ffi.cast("float *", out), out_n, scratch, s_n, flags)
+            status = lib.eora_lora_add(mm, vm, scale, order, r0, r1, ffi.cast("float *", out), out_n, scratch, s_n,
+                                       flags)
     elif fn == "lora_round_f16":
         # this call takes an element count, not byte lengths: give it buffers that hold what it asks for
         n = draw(st.integers(-3, 600))
@@ -327,7 +352,7 @@ def target_native(data: Any) -> None:
             status = lib.eora_cuda_dequantize_host(draw(st.sampled_from(_TYPES)), p, n, _dim(draw),
                                                    ffi.cast("float *", p), n)
         if not lib.eora_cuda_available() and not pure:
-            assert status == 7
+            assert status == lib.EORA_ERR_CUDA
         fn = "cuda"
     _check_status(ffi, lib, status, fn)
 
@@ -374,10 +399,13 @@ def replay_regressions() -> None:
     buf = np.zeros(16, np.uint8)
     f = ffi.cast("float *", ffi.from_buffer(buf))
     # lora.c: the "matrix has N bytes, M needed" message computed rows * k in int64 (signed overflow, UBSan)
-    status = lib.eora_lora_add(1, ffi.from_buffer(buf), 16, 494, 2**62, f, 16, 1, 1.0, 1, 0, 0, f, 16, ffi.NULL, 0, 0)
-    assert status == 4, status
-    status = lib.eora_lora_t(1, ffi.from_buffer(buf), 16, 3, 2**62, f, 16, 1, 1, 0, 0, f, 16, ffi.NULL, 0, 0)
-    assert status == 4, status
+    p = ffi.from_buffer(buf)
+    status = lib.eora_lora_add(_native.matrix(ffi, 1, p, 16, 494, 2**62), _native.matrix(ffi, 0, f, 16, 1, 2**62), 1.0,
+                               1, 0, 0, f, 16, ffi.NULL, 0, 0)
+    assert status == lib.EORA_ERR_BUFFER, status
+    status = lib.eora_lora_t(_native.matrix(ffi, 1, p, 16, 3, 2**62), _native.matrix(ffi, 0, f, 16, 1, 2**62), 1, 0, 0,
+                             f, 16, ffi.NULL, 0, 0)
+    assert status == lib.EORA_ERR_BUFFER, status
 
 
 TARGETS = ("gguf", "adapter", "native", "kernels")

@@ -81,19 +81,19 @@ static int run_case(enum ggml_type type, int64_t d_in, int64_t rank, int64_t d_o
         memcpy(y_ours, rf, sizeof(float) * n * d_out);
         /* in two row ranges, as two threads of the patch would */
         int64_t half = rank / 8 * 4;
-        eora_status st = eora_lora_t(type, araw, esz * rank * d_in, rank, d_in, xf, sizeof(float) * n * d_in, n,
-                                     order, 0, half, t_ours, sizeof(float) * n * rank, scratch, sb, 0);
-        if (st == EORA_OK)
-            st = eora_lora_t(type, araw, esz * rank * d_in, rank, d_in, xf, sizeof(float) * n * d_in, n, order,
-                             half, rank, t_ours, sizeof(float) * n * rank, scratch, sb, 0);
+        const eora_matrix am = {type, araw, esz * rank * d_in, rank, d_in};
+        const eora_matrix xm = {EORA_TYPE_F32, xf, sizeof(float) * n * d_in, n, d_in};
+        const eora_matrix bm = {type, braw, esz * d_out * rank, d_out, rank};
+        const eora_matrix tm = {EORA_TYPE_F32, t_ref, sizeof(float) * n * rank, n, rank};
+        eora_status st = eora_lora_t(&am, &xm, order, 0, half, t_ours, sizeof(float) * n * rank, scratch, sb, 0);
+        if (st == EORA_OK) st = eora_lora_t(&am, &xm, order, half, rank, t_ours, sizeof(float) * n * rank, scratch, sb, 0);
         if (st != EORA_OK) continue;  /* a shape this order does not take */
         if (memcmp(t_ours, t_ref, sizeof(float) * n * rank) == 0) {
             printf("%s\"%s\"", first_t ? "" : ", ", names[order]);
             first_t = 0;
         }
         /* y from ggml's own t, so the second product is checked on its own */
-        if (eora_lora_add(type, braw, esz * d_out * rank, d_out, rank, t_ref, sizeof(float) * n * rank, n, s, order,
-                          0, d_out, y_ours, sizeof(float) * n * d_out, scratch, sb, 0) == EORA_OK &&
+        if (eora_lora_add(&bm, &tm, s, order, 0, d_out, y_ours, sizeof(float) * n * d_out, scratch, sb, 0) == EORA_OK &&
             memcmp(y_ours, y_ref, sizeof(float) * n * d_out) == 0) {
             snprintf(y_list + strlen(y_list), sizeof(y_list) - strlen(y_list), "%s\"%s\"", y_list[0] ? ", " : "",
                      names[order]);

@@ -10,7 +10,6 @@ Three layers:
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,19 +29,7 @@ FUSED_TYPES = QUANT_TYPES + [T.F16, T.BF16, T.F32]
 RANKS = (0, 1, 16, 64, 128)
 BATCHES = (1, 4, 16, 64)
 NMSE = 1e-6  # fp32 accumulation against the fp64 reference
-EORA_ERR_CUDA = 7
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_native() -> None:
-    if not _native.available():
-        try:
-            _native.ffi_lib()
-        except _native.NativeUnavailable as exc:
-            reason = str(exc)
-        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(f"native library not built: {reason}")
+pytestmark = pytest.mark.usefixtures("native")
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +92,12 @@ def test_cuda_entry_points_say_unavailable_without_a_gpu() -> None:
     ffi, lib = _native.ffi_lib()
     raw, x, a, b = case(T.Q8_0, 8, 64, 1, 0, "F16", 2)
     assert lib.eora_cuda_available() == 0
-    assert lib.eora_cuda_dequantize_host(int(T.Q8_0), ffi.from_buffer(raw), raw.nbytes, 512,
-                                         ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32))), 2048) == EORA_ERR_CUDA
+    no_cuda = _native.const("EORA_ERR_CUDA")
+    dst = ffi.cast("float *", ffi.from_buffer(np.zeros(512, np.float32)))
+    assert lib.eora_cuda_dequantize_host(int(T.Q8_0), ffi.from_buffer(raw), raw.nbytes, 512, dst, 2048) == no_cuda
     assert "CPU" in ffi.string(lib.eora_last_error()).decode()
-    assert lib.eora_cuda_fused_matmul(int(T.Q8_0), ffi.NULL, 0, 8, 64, ffi.NULL, 0, 1, 0, ffi.NULL, 0, 0, ffi.NULL, 0,
-                                      0, ffi.NULL, 0, ffi.NULL, 0, ffi.NULL) == EORA_ERR_CUDA
+    assert lib.eora_cuda_fused_matmul(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, 0, ffi.NULL, 0,
+                                      ffi.NULL) == no_cuda
     with pytest.raises(_native.NativeCudaError, match="cuda_fused_matmul"):
         kernels.fused_matmul(raw, T.Q8_0, (8, 64), x, cuda_host=True)
     with pytest.raises(_native.NativeCudaError, match="cuda_dequantize"):
@@ -121,7 +109,8 @@ def test_no_cuda_driver_or_shared_runtime_needed_at_load() -> None:
     readelf = shutil.which("readelf")
     if not readelf:
         pytest.skip("readelf not installed")
-    out = subprocess.run([readelf, "-d", str(_native.library_path())], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([readelf, "-d", str(_native.library_path())], capture_output=True, text=True,
+                         check=True).stdout
     needed = [ln.split("[")[-1].rstrip("]") for ln in out.splitlines() if "(NEEDED)" in ln]
     assert not [n for n in needed if n.startswith(("libcuda", "libcudart", "libnvidia"))], needed
 
@@ -152,13 +141,9 @@ int emu_ax_split(int64_t d_in, int64_t n_tokens, int64_t rank, int sm_count, int
 def emu(tmp_path_factory):
     import cffi
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx:
+    if shutil.which("c++") is None and shutil.which("g++") is None and shutil.which("clang++") is None:
         pytest.skip("no C++ compiler to build the CUDA host emulation")
-    out = tmp_path_factory.mktemp("emu") / "libeora_cuda_emu.so"
-    cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wno-unknown-pragmas", "-shared", "-fPIC",
-           f"-I{ROOT / 'native' / 'src'}", str(ROOT / "native" / "src" / "cuda" / "emu.cpp"), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    out = _native.build_helper("eora_cuda_emu", tmp_path_factory.mktemp("emu"))
     ffi = cffi.FFI()
     ffi.cdef(EMU_CDEF)
     return ffi, ffi.dlopen(str(out))
@@ -193,16 +178,22 @@ def test_emulated_dequantize_bit_exact(emu, qtype: T) -> None:
             assert same_bits(out, kernels.dequantize(raw, qtype, (n,), reference=True))
 
 
+GRID_SHAPE = (131, 512)  # d_out = 131 leaves partial warps and blocks
+
+
+def grid_cases(qtype: T, seed: int):
+    """Every rank x batch (batches leave partial token groups): (rank, n, adapter kind, raw, x, a, b, reference)."""
+    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
+        kind = adapter_kind(rank, i)
+        raw, x, a, b = case(qtype, *GRID_SHAPE, n, rank, kind, seed + i)
+        yield rank, n, kind, raw, x, a, b, reference(raw, qtype, GRID_SHAPE, x, a, b, kind)
+
+
 @pytest.mark.native
 @pytest.mark.parametrize("qtype", FUSED_TYPES, ids=lambda t: t.name)
 def test_emulated_fused_matches_reference(emu, qtype: T) -> None:
-    """Every rank and batch; d_out = 131 leaves partial warps and blocks, batches leave partial token groups."""
-    d_out, d_in = 131, 512
-    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
-        kind = adapter_kind(rank, i)
-        raw, x, a, b = case(qtype, d_out, d_in, n, rank, kind, 1000 * int(qtype) + i)
-        y = emu_fused(emu, raw, qtype, (d_out, d_in), x, a, b, kind)
-        assert nmse(y, reference(raw, qtype, (d_out, d_in), x, a, b, kind)) <= NMSE, (rank, n, kind)
+    for rank, n, kind, raw, x, a, b, ref in grid_cases(qtype, 1000 * int(qtype)):
+        assert nmse(emu_fused(emu, raw, qtype, GRID_SHAPE, x, a, b, kind), ref) <= NMSE, (rank, n, kind)
 
 
 @pytest.mark.native
@@ -240,13 +231,10 @@ def test_cuda_dequantize_bit_exact(gpu, qtype: T) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype", FUSED_TYPES, ids=lambda t: t.name)
 def test_cuda_fused_host_matches_reference(gpu, qtype: T) -> None:
-    d_out, d_in = 131, 512
-    for i, (rank, n) in enumerate((r, n) for r in RANKS for n in BATCHES):
-        kind = adapter_kind(rank, i)
-        raw, x, a, b = case(qtype, d_out, d_in, n, rank, kind, 2000 * int(qtype) + i)
+    for rank, n, kind, raw, x, a, b, ref in grid_cases(qtype, 2000 * int(qtype)):
         kw = dict(a_type=kind, b_type=kind) if a is not None else {}
-        y = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, cuda_host=True, **kw)
-        assert nmse(y, reference(raw, qtype, (d_out, d_in), x, a, b, kind)) <= NMSE, (rank, n, kind)
+        y = kernels.fused_matmul(raw, qtype, GRID_SHAPE, x, a, b, cuda_host=True, **kw)
+        assert nmse(y, ref) <= NMSE, (rank, n, kind)
 
 
 @pytest.mark.cuda
@@ -347,11 +335,17 @@ def test_cuda_error_codes(gpu) -> None:
         return ffi.cast(kind, t.data_ptr())
 
     def call(**kw):
-        args = dict(wt=int(T.Q4_K), w=ptr(tw), wn=raw.nbytes, d_out=d_out, d_in=d_in, x=ptr(tx, "float *"), xn=x.nbytes,
+        args = dict(wt=int(T.Q4_K), w=ptr(tw), wn=raw.nbytes, d_out=d_out, d_in=d_in, x=ptr(tx), xn=x.nbytes,
                     n=n, at=1, a=ptr(ta), an=a.nbytes, bt=1, b=ptr(tb), bn=b.nbytes, r=r, y=ptr(ty, "float *"),
                     yn=n * d_out * 4, ws=ptr(ws), wsn=int(ws_n[0]), stream=ffi.NULL)
         args.update(kw)
-        status = lib.eora_cuda_fused_matmul(*args.values())
+        g = args.get
+        status = lib.eora_cuda_fused_matmul(
+            _native.matrix(ffi, g("wt"), g("w"), g("wn"), g("d_out"), g("d_in")),
+            _native.matrix(ffi, 0, g("x"), g("xn"), g("n"), g("d_in")),
+            _native.matrix(ffi, g("at"), g("a"), g("an"), g("r"), g("d_in")),
+            _native.matrix(ffi, g("bt"), g("b"), g("bn"), g("d_out"), g("r")),
+            g("y"), g("yn"), g("ws"), g("wsn"), g("stream"))
         return status, ffi.string(lib.eora_last_error()).decode()
 
     assert call()[0] == 0
@@ -362,8 +356,8 @@ def test_cuda_error_codes(gpu) -> None:
         (dict(d_in=200), 3, "not a multiple"),
         (dict(wn=raw.nbytes - 1), 4, "weight buffer"),
         (dict(wsn=4), 4, "workspace"),
-        (dict(x=ffi.cast("float *", ffi.from_buffer(host_x))), 1, "not device memory"),
-        (dict(x=ffi.cast("float *", tx.data_ptr() + 4)), 1, "16-byte aligned"),
+        (dict(x=ffi.cast("void *", ffi.from_buffer(host_x))), 1, "not device memory"),
+        (dict(x=ffi.cast("void *", tx.data_ptr() + 4)), 1, "16-byte aligned"),
         (dict(y=ffi.NULL), 1, "must not be NULL"),
     ]
     for kw, status, msg in cases:

@@ -8,8 +8,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eora_gguf import _native
-
 import fuzz_targets as ft
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
@@ -33,12 +31,12 @@ def test_fuzz_adapter_reader(seeds):
     given(st.data())(FUZZ(lambda data: ft.target_adapter(seeds, data)))()
 
 
-@pytest.mark.skipif(not _native.available(), reason="eora_native library not built")
+@pytest.mark.usefixtures("native")
 def test_fuzz_native_entry_points():
     given(st.data())(FUZZ(ft.target_native))()
 
 
-@pytest.mark.skipif(not _native.available(), reason="eora_native library not built")
+@pytest.mark.usefixtures("native")
 def test_fuzz_kernel_wrappers():
     given(st.data())(FUZZ(ft.target_kernels))()
 
@@ -101,7 +99,7 @@ def test_regression_adapter_pair_of_two_ranks(seeds, tmp_path):
         adapter_io.read_gguf_lora(path)
 
 
-@pytest.mark.skipif(not _native.available(), reason="eora_native library not built")
+@pytest.mark.usefixtures("native")
 def test_regression_replays():
     """The native findings (tools/fuzz.py replays them under the sanitizers, where they would abort)."""
     ft.replay_regressions()

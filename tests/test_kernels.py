@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as T
 from eora_gguf import _native, kernels
 from eora_gguf.errors import EoraError
 
-pytestmark = pytest.mark.native
+pytestmark = [pytest.mark.native, pytest.mark.usefixtures("native")]
 
 QUANT_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
 PY_QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -19,18 +19,6 @@ PY_QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 F16_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.IQ4_NL: (0,),
               T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)}
 EXTREME_F16 = np.array([65504.0, -65504.0, 6.104e-5, -6.104e-5, 6e-8, -6e-8, 0.0, -0.0, 1.0], dtype=np.float16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _require_native() -> None:
-    if not _native.available():
-        try:
-            _native.ffi_lib()
-        except _native.NativeUnavailable as exc:
-            reason = str(exc)
-        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-            pytest.fail(reason)
-        pytest.skip(f"native library not built: {reason}")
 
 
 def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator, *, scale: float | None = None,
@@ -130,6 +118,18 @@ def make_adapter(kind: str, rows: int, cols: int, rng: np.random.Generator) -> t
     return raw, gguf.quants.dequantize(raw, T.Q8_0).astype(np.float64)
 
 
+def adapted_case(rng: np.random.Generator, w: np.ndarray, n_tokens: int, a_kind: str, b_kind: str,
+                 rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (n_tokens, d_in), adapter factors a, b of the given kinds for W (float64, (d_out, d_in)), and the float64
+    product W x + B (A x) they stand for."""
+    d_out, d_in = w.shape
+    x = rng.standard_normal((n_tokens, d_in)).astype(np.float32)
+    a, a64 = make_adapter(a_kind, rank, d_in, rng)
+    b, b64 = make_adapter(b_kind, d_out, rank, rng)
+    x64 = x.astype(np.float64)
+    return x, a, b, x64 @ w.T + (x64 @ a64.T) @ b64.T
+
+
 FUSED_TYPES = QUANT_TYPES + [T.F16, T.F32]
 
 
@@ -140,10 +140,7 @@ def test_fused_matches_float64(qtype: T) -> None:
     raw = make_weight(qtype, d_out, d_in, rng)
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(d_out, d_in)
     for n_tokens, a_kind, b_kind in ((1, "F16", "F16"), (5, "F32", "Q8_0"), (64, "Q8_0", "F32")):
-        x = rng.standard_normal((n_tokens, d_in)).astype(np.float32)
-        a, a64 = make_adapter(a_kind, rank, d_in, rng)
-        b, b64 = make_adapter(b_kind, d_out, rank, rng)
-        exact = x.astype(np.float64) @ w.T + (x.astype(np.float64) @ a64.T) @ b64.T
+        x, a, b, exact = adapted_case(rng, w, n_tokens, a_kind, b_kind, rank)
         base = x.astype(np.float64) @ w.T
         ref = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, reference=True)
         assert nmse(ref, exact) <= 1e-6
@@ -168,12 +165,10 @@ def test_fused_paths_agree_across_threads_and_isas(qtype: T) -> None:
     one = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=1)
     for threads in (2, 3, 8):
         np.testing.assert_array_equal(kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=threads), one)
-    # AVX2 and AVX-512 compute the same integer sums (float summation order differs); the scalar build has no
-    # direct kernels and quantizes x in blocks of 32 even for K-quants, so it differs by activation rounding.
+    # AVX2 and AVX-512 compute the same integer sums (float summation order differs); the scalar build is the
+    # AVX2 kernels' twin (test_scalar_twins_give_the_avx2_bits)
     avx2 = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, isa="avx2")
     assert nmse(avx2, one.astype(np.float64)) < 1e-10
-    scalar = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, isa="scalar")
-    assert nmse(scalar, one.astype(np.float64)) < kernels.QUANTIZED_ACT_NMSE
 
 
 DIRECT_TYPES = [T.Q4_K, T.Q2_K, T.Q3_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0]
@@ -205,11 +200,8 @@ def test_direct_kernels_exact_on_quantized_activations(qtype: T) -> None:
     x[1, :256] = 0.0
     x[2, 300] = 40.0
     x_block = 256 if block_elems == 256 else 32
+    xq = quantized_activations(x, x_block)  # every instruction set blocks x alike (the scalar twins too)
     for isa in (None, "avx2", "scalar"):
-        if isa == "scalar" or _native.cpu_path() == "scalar":
-            xq = quantized_activations(x, 32)
-        else:
-            xq = quantized_activations(x, x_block)
         for n in range(1, 10):
             y = kernels.fused_matmul(raw, qtype, (d_out, d_in), x[:n], isa=isa, threads=2)
             exact = xq[:n] @ w.T
@@ -225,14 +217,38 @@ def test_direct_kernels_with_adapter_same_across_threads(qtype: T) -> None:
     raw = make_weight(qtype, d_out, d_in, rng)
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(d_out, d_in)
     for n, kind in ((1, "F16"), (6, "Q8_0"), (1, "F32")):
-        x = rng.standard_normal((n, d_in)).astype(np.float32)
-        a, a64 = make_adapter(kind, rank, d_in, rng)
-        b, b64 = make_adapter(kind, d_out, rank, rng)
-        exact = x.astype(np.float64) @ w.T + (x.astype(np.float64) @ a64.T) @ b64.T
+        x, a, b, exact = adapted_case(rng, w, n, kind, kind, rank)
         one = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=1)
         assert nmse(one, exact) < kernels.QUANTIZED_ACT_NMSE
         for threads in (2, 3, 5):
-            np.testing.assert_array_equal(kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=threads), one)
+            got = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=threads)
+            np.testing.assert_array_equal(got, one)
+
+
+@pytest.mark.parametrize("qtype", FUSED_TYPES + [T.BF16], ids=lambda t: t.name)
+def test_scalar_twins_give_the_avx2_bits(qtype: T) -> None:
+    """isa="scalar" is the oracle of the fast path: the portable C twins block the activations as the AVX2 kernels
+    do and sum in their order, so every output (direct and unpack kernels, quantized and fp32 activations, each
+    adapter type, 1 to 6 tokens, float rows with a tail) has the AVX2 bits."""
+    if _native.cpu_path() == "scalar":
+        pytest.skip("this CPU has no AVX2 path to compare the scalar twins with")
+    rng = np.random.default_rng(500 + int(qtype))
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    d_out, d_in = 40, {256: 768, 32: 544, 1: 520}[block]  # 520: a float row with an 8-element tail
+    if qtype == T.BF16:
+        raw = (rng.standard_normal((d_out, d_in)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        raw = raw.view(np.uint8).reshape(d_out, -1)
+    else:
+        raw = make_weight(qtype, d_out, d_in, rng)
+    for n, kind in ((1, "F16"), (3, "F32"), (6, "Q8_0"), (4, None)):
+        x = rng.standard_normal((n, d_in)).astype(np.float32)
+        rank = 32 if kind == "Q8_0" else 16
+        a, b = (None, None) if kind is None or (kind == "Q8_0" and d_in % 32) else (
+            make_adapter(kind, rank, d_in, rng)[0], make_adapter(kind, d_out, rank, rng)[0])
+        for f32 in (False, True):
+            got = [kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, isa=isa, f32_activations=f32, threads=2)
+                   for isa in ("scalar", "avx2")]
+            assert_same_bits(*got)
 
 
 def test_fused_rank_zero_single_token_and_torch() -> None:

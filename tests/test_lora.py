@@ -7,10 +7,7 @@ llama.cpp's build_lora_mm on ggml's CPU backend and compares every output with o
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +15,16 @@ import pytest
 from eora_gguf import _native
 
 F32, F16 = 0, 1
-ORDERS = {"lanes8": 1, "lanes16": 2, "vec8": 3, "vec16": 4}
+# the header's names (the numbers come from the library: _native.const)
+ORDERS = {"lanes8": "EORA_ORDER_LANES8", "lanes16": "EORA_ORDER_LANES16", "vec8": "EORA_ORDER_VEC8",
+          "vec16": "EORA_ORDER_VEC16"}
 FLAT_LANES = {"lanes8": 8, "lanes16": 16, "vec8": 32, "vec16": 64}
-SCALAR, AVX2 = 2, 4  # EORA_FLAG_ISA_SCALAR, EORA_FLAG_ISA_AVX2
+SCALAR, AVX2 = "EORA_FLAG_ISA_SCALAR", "EORA_FLAG_ISA_AVX2"
 
 
-@pytest.fixture(scope="module")
-def native():
-    try:
-        return _native.ffi_lib()
-    except _native.NativeUnavailable as exc:
-        if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(f"native library not built: {exc}")
+def _const(v):
+    """A header constant by name (ints pass through: deliberately bad values)."""
+    return _native.const(v) if isinstance(v, str) else v
 
 
 def _ptr(ffi, arr):
@@ -50,9 +44,10 @@ def lora_t(native, a_raw, x, order, rows=None, flags=0, scratch_bytes=None):
     xp, xb = _ptr(ffi, x)
     tp, tb = _ptr(ffi, t)
     sp, _ = _ptr(ffi, scratch)
+    am, xm = _native.matrix(ffi, a_type, ap, ab, rank, d_in), _native.matrix(ffi, F32, xp, xb, n, d_in)
     for r0, r1 in rows or [(0, rank)]:
-        _native.check(lib.eora_lora_t(a_type, ap, ab, rank, d_in, ffi.cast("float *", xp), xb, n, order, r0, r1,
-                                      ffi.cast("float *", tp), tb, sp, need, flags), "lora_t")
+        _native.check(lib.eora_lora_t(am, xm, _const(order), r0, r1, ffi.cast("float *", tp), tb, sp, need,
+                                      _const(flags)), "lora_t")
     return t
 
 
@@ -69,9 +64,10 @@ def lora_add(native, b_raw, t, y, scale, order, rows=None, flags=0):
     tp, tb = _ptr(ffi, t)
     op, ob = _ptr(ffi, out)
     sp, _ = _ptr(ffi, scratch)
+    bm, tm = _native.matrix(ffi, b_type, bp, bb, d_out, rank), _native.matrix(ffi, F32, tp, tb, n, rank)
     for r0, r1 in rows or [(0, d_out)]:
-        _native.check(lib.eora_lora_add(b_type, bp, bb, d_out, rank, ffi.cast("float *", tp), tb, n, scale, order,
-                                        r0, r1, ffi.cast("float *", op), ob, sp, need, flags), "lora_add")
+        _native.check(lib.eora_lora_add(bm, tm, scale, _const(order), r0, r1, ffi.cast("float *", op), ob, sp, need,
+                                        _const(flags)), "lora_add")
     return out
 
 
@@ -87,7 +83,7 @@ def _data(rng, rows, k, n, dtype):
 def test_simd_paths_match_the_portable_emulation(native, order, dtype):
     """Every instruction-set path gives the reference's bits, whatever the row split; results are exact dots up
     to fp32 summation error."""
-    rng = np.random.default_rng(ORDERS[order] * 10 + (dtype == np.float16))
+    rng = np.random.default_rng(list(ORDERS).index(order) * 10 + 10 + (dtype == np.float16))
     L = FLAT_LANES[order]
     ks = [L, 3 * L, 576 // L * L + L]
     if order.startswith("vec") and dtype == np.float16:
@@ -169,8 +165,8 @@ def test_bad_input_is_an_error_not_a_crash(native):
         xp, xb = _ptr(ffi, x)
         t = np.zeros((2, 8), np.float32)
         tp, tb = _ptr(ffi, t)
-        _native.check(lib.eora_lora_t(8, ap, ab, 8, 64, ffi.cast("float *", xp), xb, 2, 1, 0, 8,
-                                      ffi.cast("float *", tp), tb, ffi.NULL, 0, 0))
+        _native.check(lib.eora_lora_t(_native.matrix(ffi, 8, ap, ab, 8, 64), _native.matrix(ffi, F32, xp, xb, 2, 64),
+                                      1, 0, 8, ffi.cast("float *", tp), tb, ffi.NULL, 0, 0))
     assert lib.eora_lora_scratch(0, 3) == 0
 
 
@@ -184,17 +180,8 @@ def oracle(llama, native, tmp_path_factory):
     lib_dir = llama.bin_dir
     if not (lib_dir / "libggml-cpu.so").is_file() and not (lib_dir / "libggml-cpu.dylib").is_file():
         pytest.skip(f"no shared ggml libraries in {lib_dir} (a static LLAMA_CPP_DIR build?)")
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("oracle") / "ggml_lora_oracle"
-    eora_lib = _native.library_path()
-    src = Path(__file__).with_name("ggml_lora_oracle.c")
-    inc = [llama.source_dir / "ggml" / "include", _native.header_path().parent]
-    cmd = [cc, "-O2", "-o", str(exe), str(src), *[f"-I{p}" for p in inc], f"-L{lib_dir}", f"-L{eora_lib.parent}",
-           "-lggml", "-lggml-base", "-lggml-cpu", "-leora_native", "-lm", f"-Wl,-rpath,{lib_dir}:{eora_lib.parent}"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return exe
+    return _native.build_helper("ggml_lora_oracle", tmp_path_factory.mktemp("oracle"), llama_source=llama.source_dir,
+                                llama_lib=lib_dir)
 
 
 @pytest.mark.native

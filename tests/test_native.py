@@ -1,4 +1,5 @@
-"""The C library's own argument checks (through raw ffi calls) and the binding's loader."""
+"""The C library's own argument checks (through raw ffi calls), the header as the one source of the ABI's
+constants, and the binding's loader."""
 from __future__ import annotations
 
 import os
@@ -8,22 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 from eora_gguf import _native
 
-Q4_0, Q8_0, F16, F32 = 2, 8, 1, 0
+Q4_0, Q8_0, F16, F32 = (int(T[n]) for n in ("Q4_0", "Q8_0", "F16", "F32"))
 
 
 @pytest.fixture(scope="module")
-def lib():
-    if not _native.available():
-        try:
-            _native.ffi_lib()
-        except _native.NativeUnavailable as exc:
-            if os.environ.get("EORA_GGUF_REQUIRE_NATIVE") == "1":
-                pytest.fail(str(exc))
-            pytest.skip(f"native library not built: {exc}")
-    return _native.ffi_lib()
+def lib(native):
+    return native
 
 
 def _buf(ffi, arr):
@@ -33,7 +28,7 @@ def _buf(ffi, arr):
 @pytest.mark.native
 def test_abi_and_cpu_path(lib) -> None:
     ffi, c = lib
-    assert c.eora_abi_version() == _native.ABI_VERSION
+    assert c.eora_abi_version() == c.EORA_ABI_VERSION == 4
     assert ffi.string(c.eora_cpu_path()).decode() in ("avx512", "avx2", "scalar")
     elems, nbytes = ffi.new("int64_t *"), ffi.new("int64_t *")
     assert c.eora_type_info(11, elems, nbytes) == 0 and (elems[0], nbytes[0]) == (256, 110)
@@ -78,27 +73,35 @@ def test_fused_status_codes(lib) -> None:
     xp, yp = ffi.cast("float *", xp), ffi.cast("float *", yp)
 
     def call(**kw):
-        args = dict(wt=Q8_0, w=wp, wn=wn, d_out=d_out, d_in=d_in, x=xp, xn=xn, n=n, at=F32, a=ap, an=an, bt=F32, b=bp,
-                    bn=bn, r=r, y=yp, yn=yn)
+        args = dict(wt=Q8_0, w=wp, wn=wn, d_out=d_out, d_in=d_in, xt=F32, x=xp, xn=xn, n=n, at=F32, a=ap, an=an,
+                    bt=F32, b=bp, bn=bn, r=r, rb=r, y=yp, yn=yn)
         args.update(kw)
-        common = list(args.values())
-        return c.eora_fused_matmul_ref(*common), c.eora_fused_matmul(*common, 2, 0)
+        g = args.get
+        descs = (_native.matrix(ffi, g("wt"), g("w"), g("wn"), g("d_out"), g("d_in")),
+                 _native.matrix(ffi, g("xt"), g("x"), g("xn"), g("n"), g("d_in")),
+                 _native.matrix(ffi, g("at"), g("a"), g("an"), g("r"), g("d_in")) if g("a") != "none" else ffi.NULL,
+                 _native.matrix(ffi, g("bt"), g("b"), g("bn"), g("d_out"), g("rb")) if g("b") != "none" else ffi.NULL,
+                 g("y"), g("yn"))
+        return c.eora_fused_matmul_ref(*descs), c.eora_fused_matmul(*descs, g("threads", 2), g("flags", 0))
 
     assert call() == (0, 0)
-    assert call(r=0, a=ffi.NULL, b=ffi.NULL, an=0, bn=0) == (0, 0)
+    assert call(a="none", b="none") == (0, 0)
+    assert call(r=0, rb=0, a=ffi.NULL, b=ffi.NULL, an=0, bn=0) == (0, 0)
     cases = {
-        1: [dict(w=ffi.NULL), dict(x=ffi.NULL), dict(y=ffi.NULL), dict(a=ffi.NULL)],
-        2: [dict(wt=99), dict(at=Q4_0), dict(bt=12)],
-        3: [dict(d_out=0), dict(n=0), dict(d_in=48), dict(r=-1), dict(r=9), dict(bt=Q8_0)],
+        1: [dict(w=ffi.NULL), dict(x=ffi.NULL), dict(y=ffi.NULL), dict(a=ffi.NULL), dict(a="none"), dict(b="none"),
+            dict(threads=-1), dict(flags=1 << 7)],
+        2: [dict(wt=99), dict(at=Q4_0), dict(bt=12), dict(xt=F16)],
+        3: [dict(d_out=0), dict(n=0), dict(d_in=48), dict(r=-1, rb=-1), dict(r=9, rb=9), dict(bt=Q8_0), dict(rb=8)],
         4: [dict(wn=wn - 1), dict(xn=xn - 4), dict(yn=yn - 4), dict(an=an - 4), dict(bn=bn - 4)],
     }
     for status, variants in cases.items():
         for v in variants:
-            assert call(**v) == (status, status), v
+            got = call(**v)
+            if "threads" in v or "flags" in v:  # the reference takes neither
+                got = got[1:]
+            assert set(got) == {status}, v
             assert ffi.string(c.eora_last_error()).decode().startswith("fused_matmul"), v
-    common = [Q8_0, wp, wn, d_out, d_in, xp, xn, n, F32, ap, an, F32, bp, bn, r, yp, yn]
-    assert c.eora_fused_matmul(*common, -1, 0) == 1
-    assert c.eora_fused_matmul(*common, 1, 1 << 7) == 1
+    assert c.eora_fused_matmul(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, yp, yn, 1, 0) == 1
 
 
 def test_header_declarations_parse() -> None:

@@ -9,7 +9,7 @@ from eora_gguf import _native, kernels
 from eora_gguf.errors import EoraError
 
 T = gguf.GGMLQuantizationType
-pytestmark = pytest.mark.skipif(not _native.available(), reason="eora_native library not built")
+pytestmark = pytest.mark.usefixtures("native")
 
 
 @pytest.fixture
@@ -57,15 +57,15 @@ def test_c_api_refuses_buffers_that_do_not_match_their_shapes(w, fn, case):
         bufs["y"] = np.zeros((n, d_out + 1), np.float32)
     r = 0 if case == "adapter bytes with rank 0" else rank
 
-    def p(k):
-        return ffi.cast("void *", ffi.from_buffer(bufs[k]))
+    def desc(k, type_, rows, cols):
+        return _native.matrix(ffi, type_, ffi.from_buffer(bufs[k]), bufs[k].nbytes, rows, cols)
 
-    args = [int(T.Q8_0), p("w"), bufs["w"].nbytes, d_out, d_in, ffi.cast("float *", p("x")), bufs["x"].nbytes, n,
-            0, p("a"), bufs["a"].nbytes, 0, p("b"), bufs["b"].nbytes, r, ffi.cast("float *", p("y")), bufs["y"].nbytes]
+    args = [desc("w", T.Q8_0, d_out, d_in), desc("x", T.F32, n, d_in), desc("a", T.F32, r, d_in),
+            desc("b", T.F32, d_out, r), ffi.cast("float *", ffi.from_buffer(bufs["y"])), bufs["y"].nbytes]
     if fn == "eora_fused_matmul":
         args += [1, 0]
     status = getattr(lib, fn)(*args)
-    assert status in (3, 4), ffi.string(lib.eora_last_error()).decode()
+    assert status in (lib.EORA_ERR_SHAPE, lib.EORA_ERR_BUFFER), ffi.string(lib.eora_last_error()).decode()
     assert np.all(bufs["y"] == 0)
 
 
@@ -75,7 +75,7 @@ def test_dequantize_refuses_an_oversized_source():
     dst = np.zeros(64, np.float32)
     for fn in (lib.eora_dequantize, lib.eora_dequantize_ref):
         assert fn(int(T.Q8_0), ffi.from_buffer(src), src.nbytes, 64, ffi.cast("float *", ffi.from_buffer(dst)),
-                  dst.nbytes) == 4
+                  dst.nbytes) == lib.EORA_ERR_BUFFER
 
 
 @pytest.mark.parametrize("call", [

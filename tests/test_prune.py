@@ -217,7 +217,6 @@ def test_run_prune_quantizes_the_pruned_model_and_compensates_against_the_dense(
                    ("Q8_0+2:4 wanda", "eora", 8)]
     kld = [r["kld"] for r in res["rows"]]
     assert kld[0] == 0 < kld[1] and kld[3] < kld[2]  # pruning costs, the adapter gives some of it back
-    work = tmp_path / "work" / hf.name
     with open_gguf(res["rows"][2]["model"]) as m:  # Q8_0 keeps zeros exactly
         w = torch.from_numpy(m.dequantize("blk.0.ffn_down.weight"))
     assert nm_violations(w, 2, 4) == 0 and (w == 0).double().mean() == 0.5

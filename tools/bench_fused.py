@@ -47,16 +47,8 @@ F16 = 1
 
 
 def build_harness(src_dir: Path, lib_dir: Path) -> Path:
-    out = cache_dir() / "bench" / "ggml_bench"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).resolve().parent / "ggml_bench.c"
-    eora_lib = _native.library_path()
-    inc = [src_dir / "ggml" / "include", Path(__file__).resolve().parent.parent / "native" / "include"]
-    cmd = ["cc", "-O2", "-o", str(out), str(here), *[f"-I{p}" for p in inc], f"-L{lib_dir}", f"-L{eora_lib.parent}",
-           "-lggml", "-lggml-base", "-lggml-cpu", "-leora_native", f"-Wl,-rpath,{lib_dir}:{eora_lib.parent}"]
-    log.info("compiling %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    return out
+    """tools/ggml_bench.c (the CMake target ggml_bench) against this llama.cpp's ggml and our library."""
+    return _native.build_helper("ggml_bench", cache_dir() / "bench" / "tools", llama_source=src_dir, llama_lib=lib_dir)
 
 
 def run_harness(exe: Path, qtype: str, shape: tuple[int, int], n: int, rank: int, threads: int, iters: int,

@@ -40,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eora_gguf import llama_eval, llama_tools, llamacpp  # noqa: E402
+from eora_gguf import _native, llama_tools, llamacpp  # noqa: E402
+from eora_gguf.cache import cache_dir  # noqa: E402
 from eora_gguf.errors import EoraError, atomic_output  # noqa: E402
 
 log = logging.getLogger("bench_llama")
@@ -49,7 +50,6 @@ DEMO = Path("eora-out/SmolLM2-135M-Instruct")  # where `eora-gguf run` (default 
 QUANTS = ("Q2_K", "Q4_K_M", "Q8_0")
 RANKS = (16, 64)
 BUILDS = ("stock", "patched", "patched-adapter-ops")
-SOURCE = Path(__file__).with_name("lora_speed.cpp")
 _STATS = re.compile(r"eora: LoRA adapters built: fused (\d+), added (\d+) \(t in op \d+\), stock (\d+)")
 
 
@@ -98,8 +98,9 @@ def tensor_bytes(path: Path) -> int:
 
 
 def speed_tool(llama: llamacpp.LlamaCpp) -> Path:
-    """tools/lora_speed.cpp compiled against this build's libllama (cached)."""
-    return llama_eval.compile_against(llama, SOURCE, "lora-speed")
+    """tools/lora_speed.cpp (the CMake target lora_speed) against this build's libllama, one build folder per build."""
+    return _native.build_helper("lora_speed", cache_dir() / "tools" / f"lora_speed-{llama.bin_dir.parent.parent.name}",
+                                llama_source=llama.source_dir, llama_lib=llama.bin_dir)
 
 
 def text_file(out: Path) -> Path:

@@ -4,7 +4,7 @@
  *   mode 2: eora_fused_matmul on the same bytes (rank 0 = base only), timed the same way
  * usage: ggml_bench TYPE D_OUT D_IN N_TOKENS RANK THREADS ITERS REPACK(0|1) MODE(0|1) ADAPTER_TYPE
  * Prints one JSON line: median and min seconds per graph, and the weight buffer type actually used.
- * Built by tools/bench_fused.py against the headers and libraries of that llama.cpp. */
+ * Built by tools/bench_fused.py (the CMake target ggml_bench of tools/CMakeLists.txt) against that llama.cpp. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,11 +81,12 @@ int main(int argc, char **argv) {
     double *ts = malloc(sizeof(double) * (size_t)iters);
     if (mode == 2) {
         float *y = malloc(sizeof(float) * (size_t)(n * d_out));
-        size_t wn = ggml_nbytes(W), an = r ? ggml_nbytes(A) : 0, bn = r ? ggml_nbytes(B) : 0;
+        const eora_matrix wm = {wt, hw, ggml_nbytes(W), d_out, d_in}, xm = {EORA_TYPE_F32, hx, ggml_nbytes(x), n, d_in};
+        const eora_matrix am = {at, ha, r ? ggml_nbytes(A) : 0, r, d_in}, bm = {at, hb, r ? ggml_nbytes(B) : 0, d_out, r};
         for (int i = -3; i < iters; i++) {
             double t0 = now();
-            int s = eora_fused_matmul(wt, hw, wn, d_out, d_in, hx, ggml_nbytes(x), n, at, ha, an, at, hb, bn, r, y,
-                                      sizeof(float) * (size_t)(n * d_out), threads, 0);
+            int s = eora_fused_matmul(&wm, &xm, r ? &am : NULL, r ? &bm : NULL, y, sizeof(float) * (size_t)(n * d_out),
+                                      threads, 0);
             if (s) { fprintf(stderr, "eora_fused_matmul: %s\n", eora_last_error()); return 1; }
             if (i >= 0) ts[i] = now() - t0;
         }

@@ -76,19 +76,18 @@ data = json.loads((full if full.exists() else out / "bench_cuda_quick.json").rea
 acc = data["acceptance"]
 print(f"device: {data['meta']['device']} ({data['meta']['describe']})")
 print(f"peak {acc['peak_gbps']:.0f} GB/s theoretical, {data['meta']['copy_gbps']:.0f} GB/s measured copy")
+checks = [  # (key that says it was measured, pass flag, the line)
+    ("batch1_min_speedup", "speedup_ok", lambda: f"batch-1 fused vs unfused: worst {acc['batch1_min_speedup']:.2f}x "
+     f"({acc['batch1_min_speedup_row']}), target >= {acc['speedup_target']}x"),
+    ("q4k_bandwidth_fraction", "bandwidth_ok", lambda: f"Q4_K 4096x14336 r64 batch 1: "
+     f"{acc['q4k_4096x14336_r64_gbps']:.0f} GB/s = {100 * acc['q4k_bandwidth_fraction']:.0f}% of peak, "
+     f"target >= {100 * acc['bandwidth_target']:.0f}%"),
+]
 ok = True
-if "batch1_min_speedup" in acc:
-    print(f"[{'PASS' if acc['speedup_ok'] else 'FAIL'}] batch-1 fused vs unfused: worst {acc['batch1_min_speedup']:.2f}x "
-          f"({acc['batch1_min_speedup_row']}), target >= {acc['speedup_target']}x")
-    ok &= acc["speedup_ok"]
-else:
-    print("[FAIL] no batch-1 speed-up measured"); ok = False
-if "q4k_bandwidth_fraction" in acc:
-    print(f"[{'PASS' if acc['bandwidth_ok'] else 'FAIL'}] Q4_K 4096x14336 r64 batch 1: {acc['q4k_4096x14336_r64_gbps']:.0f} GB/s "
-          f"= {100 * acc['q4k_bandwidth_fraction']:.0f}% of peak, target >= {100 * acc['bandwidth_target']:.0f}%")
-    ok &= acc["bandwidth_ok"]
-else:
-    print("[FAIL] no Q4_K 4096x14336 r64 bandwidth measured"); ok = False
+for key, flag, line in checks:
+    passed = key in acc and acc[flag]
+    print(f"[{'PASS' if passed else 'FAIL'}] " + (line() if key in acc else f"{key}: not measured"))
+    ok &= passed
 sys.exit(0 if ok else 1)
 EOF
 

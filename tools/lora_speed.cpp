@@ -1,5 +1,5 @@
 // Prompt and decode speed of one llama.cpp build with and without a LoRA adapter, measured side by side in one
-// process (tools/bench_llama.py compiles it against the stock and the patched libllama and runs it).
+// process (tools/bench_llama.py builds it, the CMake target lora_speed, against the stock and the patched libllama).
 //
 //   lora_speed MODEL ADAPTER THREADS ROUNDS PROMPT_TOKENS DECODE_TOKENS TEXT_FILE
 //

@@ -1,11 +1,11 @@
 // How fast ggml's own one-token row kernel (vec_dot) streams a weight type from memory, against plain F16 rows:
-// the measurement behind the patch's prefetch (native/llama.cpp/README.md). Not part of any build; compile it
-// against a llama.cpp build (stock or patched) and run it on an idle machine:
+// the measurement behind the patch's prefetch (tools/lab/README.md). The CMake target vec_dot_stream of
+// tools/CMakeLists.txt builds it against a llama.cpp build (stock or patched); run it on an idle machine:
 //
 //   B=~/.cache/eora-gguf/llama.cpp-0c1e57098
-//   cc -O2 -fopenmp -I$B/src/ggml/include tools/vec_dot_stream.c -o /tmp/vec_dot_stream
-//      -L$B/build/bin -lggml-cpu -lggml-base -Wl,-rpath,$B/build/bin               (one line)
-//   /tmp/vec_dot_stream TYPE MB THREADS        # e.g. q5_0 100 2   (MB 0.5: rows that stay in L2)
+//   cmake -S tools -B build/tools -DEORA_NATIVE_LIB=<libeora_native.so> -DEORA_LLAMA_CPP_SRC=$B/src \
+//     -DEORA_LLAMA_CPP_LIB=$B/build/bin && cmake --build build/tools --target vec_dot_stream
+//   build/tools/bin/vec_dot_stream TYPE MB THREADS     # e.g. q5_0 100 2   (MB 0.5: rows that stay in L2)
 //
 // One JSON line: the best of 20 passes of vec_dot over every row (576 wide, as SmolLM2's), split evenly over the
 // threads, in GB/s of the weight's bytes.

@@ -33,13 +33,15 @@
 #  define EORA_API __attribute__((visibility("default")))
 #endif
 
-#define EORA_ABI_VERSION 3
-
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* cffi-begin */
+/* The version of the interface below; eora_abi_version() returns the one the library was built with, and the
+ * binding refuses a library whose version differs from this header's. 4: matrix descriptors (eora_matrix). */
+enum { EORA_ABI_VERSION = 4 };
+
 typedef enum {
     EORA_OK = 0,
     EORA_ERR_ARGUMENT = 1,     /* NULL pointer, bad flag or thread count */
@@ -61,12 +63,23 @@ typedef enum {
 /* Flags for eora_fused_matmul (and the ISA caps for the other CPU calls). */
 enum {
     EORA_FLAG_F32_ACT = 1,     /* keep x in fp32 (dequantize weights, fp32 dot); default quantizes x to 8 bit */
-    EORA_FLAG_ISA_SCALAR = 2,  /* use the portable C kernels even where AVX2/AVX-512 are present */
+    EORA_FLAG_ISA_SCALAR = 2,  /* use the portable C kernels (twins of the AVX2 ones: their bits) on any CPU */
     EORA_FLAG_ISA_AVX2 = 4,    /* use at most AVX2 (for testing that path on an AVX-512 machine) */
     EORA_FLAG_ROUNDED = 8      /* eora_lora_t / _add: the input already holds F16 values (eora_lora_round_f16) */
 };
 
-/* EORA_ABI_VERSION of the built library; the binding refuses a mismatch. */
+/* A matrix the caller passes in, as ggml passes a tensor: `rows` rows of `cols` elements of `type`, row-major,
+ * each row a whole number of blocks (exactly as stored in a GGUF file), in `bytes` bytes at `data`. `bytes` must
+ * be exactly what type and shape need (a longer buffer means the shape and the data disagree: EORA_ERR_BUFFER).
+ * Outputs are plain fp32 buffers with their length: their shape follows from the inputs. */
+typedef struct {
+    int type;            /* eora_type */
+    const void *data;
+    size_t bytes;
+    int64_t rows, cols;
+} eora_matrix;
+
+/* EORA_ABI_VERSION of the built library. */
 EORA_API int eora_abi_version(void);
 
 /* Message of the last failure on this thread ("" if none). */
@@ -88,25 +101,20 @@ EORA_API eora_status eora_dequantize(int type, const void *src, size_t src_bytes
 
 /* Fused product for n_tokens >= 1 activations (tuned for 1..64):
  *     y[t, o] = sum_i W[o, i] x[t, i] + sum_k B[o, k] (sum_i A[k, i] x[t, i])
- *  w: (d_out, d_in) in w_type (any type above);   x: (n_tokens, d_in) fp32;   y: (n_tokens, d_out) fp32
- *  a: (rank, d_in), b: (d_out, rank), each F32, F16 or Q8_0; rank 0 means no adapter (a, b may be NULL)
- *  and rank must not exceed min(d_in, d_out).
+ *  w: (d_out, d_in), any type above;   x: (n_tokens, d_in) F32;   y: n_tokens * d_out fp32 (y_bytes exactly)
+ *  a: (rank, d_in), b: (d_out, rank), each F32, F16 or Q8_0, or both NULL for no adapter (rank 0);
+ *  rank must not exceed min(d_in, d_out).
  * The _ref variant is the scalar reference: fp32 dequantization, fp64 accumulation.
  * eora_fused_matmul splits output rows over n_threads (0 = all cores) and by default quantizes each
- * token of x to 8 bits (scale = max|x| / 127 per block: 256 elements for Q2_K..Q6_K weights on the
- * AVX2/AVX-512 direct kernels, 32 otherwise), then uses integer dot products against the weight codes;
+ * token of x to 8 bits (scale = max|x| / 127 per block: 256 elements for Q2_K..Q6_K weights, 32 for Q4_0 and
+ * Q8_0 (the direct kernels) and for the other types), then uses integer dot products against the weight codes;
  * A.x and B.(A.x) always stay in fp32. Each x element is off by at most half a step, max|x_block| / 254
- * (see docs/native.md for the resulting error); EORA_FLAG_F32_ACT removes it. */
-EORA_API eora_status eora_fused_matmul_ref(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                           const float *x, size_t x_bytes, int64_t n_tokens,
-                                           int a_type, const void *a, size_t a_bytes,
-                                           int b_type, const void *b, size_t b_bytes, int64_t rank,
-                                           float *y, size_t y_bytes);
-EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                       const float *x, size_t x_bytes, int64_t n_tokens,
-                                       int a_type, const void *a, size_t a_bytes,
-                                       int b_type, const void *b, size_t b_bytes, int64_t rank,
-                                       float *y, size_t y_bytes, int n_threads, unsigned flags);
+ * (see docs/native.md for the resulting error); EORA_FLAG_F32_ACT removes it. EORA_FLAG_ISA_SCALAR runs the
+ * portable C twins of the SIMD kernels: the same activation blocks, and the AVX2 kernels' summation order. */
+EORA_API eora_status eora_fused_matmul_ref(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                           const eora_matrix *b, float *y, size_t y_bytes);
+EORA_API eora_status eora_fused_matmul(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                       const eora_matrix *b, float *y, size_t y_bytes, int n_threads, unsigned flags);
 
 /* ---- LoRA terms in llama.cpp's own CPU arithmetic (what the llama.cpp patch runs) ----
  * Stock llama.cpp adds an adapter to res = W x with four ggml ops: t = A x, u = B t, u * scale, res + u. For F16
@@ -123,8 +131,8 @@ EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes
  * These two calls compute the stock bits in two steps:
  *     eora_lora_t:   t[n, k] = dot(A[k, :], x[n, :])                  k in [row_begin, row_end)
  *     eora_lora_add: y[n, o] = y[n, o] + dot(B[o, :], t[n, :]) * scale   o in [row_begin, row_end)
- * a: (rank, d_in), b: (d_out, rank), F16 or F32, row-major; x (n_tokens, d_in), t (n_tokens, rank),
- * y (n_tokens, d_out), fp32. Only the given rows are written, on the calling thread (callers split the rows over
+ * a: (rank, d_in), b: (d_out, rank), F16 or F32; x (n_tokens, d_in) and t (n_tokens, rank) F32 (for eora_lora_add
+ * t is the input); outputs t (n_tokens, rank) and y (n_tokens, d_out) fp32, at least that long. Only the given rows are written, on the calling thread (callers split the rows over
  * their own threads; t = A x has to be complete before eora_lora_add reads it). scratch: eora_lora_scratch(dot
  * length, n_tokens) bytes, private to the call (the rounded operand); F32 adapters need none. Which order a
  * llama.cpp build uses is for the caller to establish (the patch compares with ggml's own mul_mat once per dot
@@ -137,12 +145,10 @@ typedef enum {
 
 EORA_API size_t eora_lora_scratch(int64_t k, int64_t n_tokens);
 EORA_API eora_status eora_lora_round_f16(const float *x, float *out, int64_t n, unsigned flags);
-EORA_API eora_status eora_lora_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
-                                 const float *x, size_t x_bytes, int64_t n_tokens, int order, int64_t row_begin,
+EORA_API eora_status eora_lora_t(const eora_matrix *a, const eora_matrix *x, int order, int64_t row_begin,
                                  int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
                                  unsigned flags);
-EORA_API eora_status eora_lora_add(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
-                                   const float *t, size_t t_bytes, int64_t n_tokens, float scale, int order,
+EORA_API eora_status eora_lora_add(const eora_matrix *b, const eora_matrix *t, float scale, int order,
                                    int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, void *scratch,
                                    size_t scratch_bytes, unsigned flags);
 
@@ -178,17 +184,11 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
 /* The fused product on the device, shapes and types as eora_fused_matmul (any weight type above).
  * workspace: device memory of eora_cuda_workspace_bytes() bytes, or NULL to allocate stream-ordered
  * (cudaMallocAsync) per call. */
-EORA_API eora_status eora_cuda_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                            const float *x, size_t x_bytes, int64_t n_tokens,
-                                            int a_type, const void *a, size_t a_bytes,
-                                            int b_type, const void *b, size_t b_bytes, int64_t rank,
-                                            float *y, size_t y_bytes, void *workspace, size_t workspace_bytes,
-                                            void *stream);
-EORA_API eora_status eora_cuda_fused_matmul_host(int w_type, const void *w, size_t w_bytes, int64_t d_out,
-                                                 int64_t d_in, const float *x, size_t x_bytes, int64_t n_tokens,
-                                                 int a_type, const void *a, size_t a_bytes,
-                                                 int b_type, const void *b, size_t b_bytes, int64_t rank,
-                                                 float *y, size_t y_bytes);
+EORA_API eora_status eora_cuda_fused_matmul(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                            const eora_matrix *b, float *y, size_t y_bytes, void *workspace,
+                                            size_t workspace_bytes, void *stream);
+EORA_API eora_status eora_cuda_fused_matmul_host(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                                 const eora_matrix *b, float *y, size_t y_bytes);
 /* cffi-end */
 
 #ifdef __cplusplus

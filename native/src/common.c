@@ -129,3 +129,37 @@ eora_status eora_check_fused(const eora_fused_args *f) {
         return s;
     return EORA_OK;
 }
+
+eora_status eora_fused_args_from(const char *fn, const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                 const eora_matrix *b, float *y, size_t y_bytes, eora_fused_args *f) {
+    if (!w || !x) return eora_fail(EORA_ERR_ARGUMENT, "%s: the w and x descriptors must not be NULL", fn);
+    if (!a != !b) return eora_fail(EORA_ERR_ARGUMENT, "%s: pass both adapter descriptors a and b, or neither", fn);
+    if (x->type != EORA_TYPE_F32) return eora_fail(EORA_ERR_TYPE, "%s: x must be F32 (got type %d)", fn, x->type);
+    if (x->cols != w->cols)
+        return eora_fail(EORA_ERR_SHAPE, "%s: x has %lld columns but w has %lld", fn, (long long)x->cols,
+                         (long long)w->cols);
+    if (a && (a->cols != w->cols || b->rows != w->rows || b->cols != a->rows))
+        return eora_fail(EORA_ERR_SHAPE, "%s: adapter shapes a (%lld x %lld) and b (%lld x %lld) do not fit w (%lld x "
+                         "%lld): a must be (rank, d_in) and b (d_out, rank)", fn, (long long)a->rows,
+                         (long long)a->cols, (long long)b->rows, (long long)b->cols, (long long)w->rows,
+                         (long long)w->cols);
+    eora_fused_args out = {w->type, w->data, w->bytes, w->rows, w->cols, x->data, x->bytes, x->rows,
+                           a ? a->type : EORA_TYPE_F32, a ? a->data : NULL, a ? a->bytes : 0,
+                           b ? b->type : EORA_TYPE_F32, b ? b->data : NULL, b ? b->bytes : 0, a ? a->rows : 0,
+                           y, y_bytes};
+    *f = out;
+    return eora_check_fused(f);
+}
+
+eora_status eora_check_dequant(const char *fn, int type, const void *src, size_t src_bytes, int64_t n_elems,
+                              const float *dst, size_t dst_bytes, int64_t *src_need) {
+    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
+    char what[64];
+    snprintf(what, sizeof what, "%s: src", fn);
+    eora_status s = eora_check_blocks(type, n_elems, src_bytes, what, src_need);
+    if (s != EORA_OK) return s;
+    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
+        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
+                         (unsigned long long)n_elems * 4);
+    return EORA_OK;
+}

@@ -5,7 +5,7 @@
 #include "checks.h"
 #include "pool.h"
 
-static int detect_level(void) {  /* 2 = AVX-512 (F, BW, VL, VNNI), 1 = AVX2 + FMA + F16C, 0 = scalar */
+static int detect_level(void) {  /* an index into isa_table */
 #if defined(__x86_64__) && defined(EORA_HAVE_X86_KERNELS)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -16,42 +16,29 @@ static int detect_level(void) {  /* 2 = AVX-512 (F, BW, VL, VNNI), 1 = AVX2 + FM
     return 0;
 }
 
+/* The one ISA table: every kernel family of one instruction set, lowest first. */
+static const eora_isa isa_table[] = {
+    {"scalar", &eora_kernels_scalar, &eora_direct_scalar, &eora_lora_kernels_scalar},
+#if defined(EORA_HAVE_X86_KERNELS)
+    {"avx2", &eora_kernels_avx2, &eora_direct_avx2, &eora_lora_kernels_avx2},
+    {"avx512", &eora_kernels_avx512, &eora_direct_avx512, &eora_lora_kernels_avx512},
+#endif
+};
+
 static int cpu_level(void) {  /* detected once (the llama.cpp patch calls in per op); a race only repeats it */
     static volatile int level = -1;
     if (level < 0) level = detect_level();
     return level;
 }
 
-int eora_cpu_level(unsigned flags) {
+const eora_isa *eora_select_isa(unsigned flags) {
     int level = cpu_level();
     if (flags & EORA_FLAG_ISA_SCALAR) level = 0;
     if ((flags & EORA_FLAG_ISA_AVX2) && level > 1) level = 1;
-    return level;
+    return &isa_table[level];
 }
 
-static const eora_kernels *select_kernels(unsigned flags) {
-#if defined(EORA_HAVE_X86_KERNELS)
-    int level = eora_cpu_level(flags);
-    if (level == 2) return &eora_kernels_avx512;
-    if (level == 1) return &eora_kernels_avx2;
-#else
-    (void)flags;
-#endif
-    return &eora_kernels_scalar;
-}
-
-static const eora_direct_kernels *select_direct(unsigned flags) {
-#if defined(EORA_HAVE_X86_KERNELS)
-    int level = eora_cpu_level(flags);
-    if (level == 2) return &eora_direct_avx512;
-    if (level == 1) return &eora_direct_avx2;
-#else
-    (void)flags;
-#endif
-    return &eora_direct_scalar;
-}
-
-EORA_API const char *eora_cpu_path(void) { return select_kernels(0)->name; }
+EORA_API const char *eora_cpu_path(void) { return eora_select_isa(0)->name; }
 
 static int resolve_threads(int n_threads) { return n_threads > 0 ? n_threads : eora_cpu_count(); }
 
@@ -87,13 +74,9 @@ static void deq_range(void *ctx, int64_t begin, int64_t end, int tid) {
 
 EORA_API eora_status eora_dequantize(int type, const void *src, size_t src_bytes, int64_t n_elems, float *dst,
                                      size_t dst_bytes) {
-    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "dequantize: src and dst must not be NULL");
-    eora_status s = eora_check_blocks(type, n_elems, src_bytes, "dequantize: src", NULL);
+    eora_status s = eora_check_dequant("dequantize", type, src, src_bytes, n_elems, dst, dst_bytes, NULL);
     if (s != EORA_OK) return s;
-    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "dequantize: dst has %zu bytes, exactly %llu needed", dst_bytes,
-                         (unsigned long long)n_elems * 4);
-    deq_job j = {select_kernels(0), type, src, dst, 1 << 16, n_elems};
+    deq_job j = {eora_select_isa(0)->k, type, src, dst, 1 << 16, n_elems};
     eora_pool_run(resolve_threads(0), (n_elems + j.piece - 1) / j.piece, 1, deq_range, &j);
     return EORA_OK;
 }
@@ -209,20 +192,20 @@ static void place_tokens(fused_job *j, uint8_t *p, int64_t d_in, int64_t n_token
     }
 }
 
-EORA_API eora_status eora_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                       const float *x, size_t x_bytes, int64_t n_tokens, int a_type, const void *a,
-                                       size_t a_bytes, int b_type, const void *b, size_t b_bytes, int64_t rank,
-                                       float *y, size_t y_bytes, int n_threads, unsigned flags) {
-    eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
-                         a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
-    eora_status s = eora_check_fused(&f);
+EORA_API eora_status eora_fused_matmul(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                       const eora_matrix *b, float *y, size_t y_bytes, int n_threads, unsigned flags) {
+    eora_fused_args f;
+    eora_status s = eora_fused_args_from("fused_matmul", w, x, a, b, y, y_bytes, &f);
     if (s != EORA_OK) return s;
+    const int w_type = f.w_type;
+    const int64_t d_out = f.d_out, d_in = f.d_in, n_tokens = f.n_tokens, rank = f.rank;
     if (n_threads < 0) return eora_fail(EORA_ERR_ARGUMENT, "fused_matmul: thread count %d is negative", n_threads);
     if (flags & ~(unsigned)(EORA_FLAG_F32_ACT | EORA_FLAG_ISA_SCALAR | EORA_FLAG_ISA_AVX2))
         return eora_fail(EORA_ERR_ARGUMENT, "fused_matmul: unknown flag bits 0x%x", flags);
     int threads = resolve_threads(n_threads);
-    fused_job j = {&f, select_kernels(flags), !(flags & EORA_FLAG_F32_ACT) && !is_float_type(w_type), NULL,
-                   select_direct(flags), NULL, NULL, NULL, NULL, scratch_size(d_in, rank)};
+    const eora_isa *isa = eora_select_isa(flags);
+    fused_job j = {&f, isa->k, !(flags & EORA_FLAG_F32_ACT) && !is_float_type(w_type), NULL,
+                   isa->direct, NULL, NULL, NULL, NULL, scratch_size(d_in, rank)};
     const int dblock = j.quant_act && j.dk->block ? j.dk->block(w_type) : 0;
     if (dblock) j.direct = j.dk->kernel(w_type);
     size_t qx_bytes = token_bytes(&j, d_in, n_tokens);

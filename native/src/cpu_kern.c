@@ -1,6 +1,8 @@
 /* Optimized CPU kernels. This file is compiled once per instruction set (EORA_ISA = scalar, avx2, avx512,
  * with the matching -m flags) and cpu.c picks a table at run time; the portable C below is what the
- * scalar build runs and what the SIMD builds fall back to for the parts without intrinsics. */
+ * scalar build runs and what the SIMD builds fall back to for the parts without intrinsics. Where a kernel
+ * has AVX2 intrinsics, the scalar build's branch is their twin: the same lanes, fused multiply-adds and final
+ * reduction (eora_hsum8), so isa="scalar" reproduces the AVX2 bits. */
 #include <math.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -330,6 +332,13 @@ static float K(adapter_dot)(int type, const void *row, const float *v, int64_t n
 #endif
     if (type == EORA_TYPE_F16) {
         const uint16_t *h = row;
+#if !defined(__AVX2__)
+        float acc[2][8] = {{0}}, lane[8];
+        for (; i + 16 <= n; i += 16)
+            for (int j = 0; j < 16; j++) acc[j / 8][j % 8] = fmaf(eora_f16_to_f32(h[i + j]), v[i + j], acc[j / 8][j % 8]);
+        for (int j = 0; j < 8; j++) lane[j] = acc[0][j] + acc[1][j];
+        total = eora_hsum8(lane);
+#endif
         for (; i < n; i++) total += eora_f16_to_f32(h[i]) * v[i];
         return total;
     }
@@ -399,6 +408,16 @@ static float K(dot_q)(const uint8_t *codes, const float *ds, const float *dm, co
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         total = _mm_cvtss_f32(s);
     }
+#else
+    {
+        float acc[8] = {0};
+        for (; g < ng; g++)
+            for (int j = 0; j < 8; j++)
+                acc[j] = fmaf((float)(codes[16 * g + 2 * j] * x->q[16 * g + 2 * j] +
+                                      codes[16 * g + 2 * j + 1] * x->q[16 * g + 2 * j + 1]),
+                              ds[g] * x->d16[g], acc[j]);
+        total = eora_hsum8(acc);
+    }
 #endif
     for (; g < ng; g++) {
         int32_t s = 0;
@@ -436,10 +455,11 @@ static float K(dot_f32)(const float *a, const float *b, int64_t n) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     total = _mm_cvtss_f32(s);
 #else
-    float part[8] = {0};
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) part[j] += a[i + j] * b[i + j];
-    for (int j = 0; j < 8; j++) total += part[j];
+    float acc[2][8] = {{0}}, lane[8];
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j / 8][j % 8] = fmaf(a[i + j], b[i + j], acc[j / 8][j % 8]);
+    for (int j = 0; j < 8; j++) lane[j] = acc[0][j] + acc[1][j];
+    total = eora_hsum8(lane);
 #endif
     for (; i < n; i++) total += a[i] * b[i];
     return total;

@@ -6,7 +6,7 @@
 
 #include "internal.h"
 
-static void deq_q4_0(const blk_q4_0 *b, float *y) {
+static inline void deq_q4_0(const blk_q4_0 *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     for (int j = 0; j < 16; j++) {
         y[j] = d * (float)((b->qs[j] & 15) - 8);
@@ -14,7 +14,7 @@ static void deq_q4_0(const blk_q4_0 *b, float *y) {
     }
 }
 
-static void deq_q4_1(const blk_q4_1 *b, float *y) {
+static inline void deq_q4_1(const blk_q4_1 *b, float *y) {
     float d = eora_f16_to_f32(b->d), m = eora_f16_to_f32(b->m);
     for (int j = 0; j < 16; j++) {
         y[j] = d * (float)(b->qs[j] & 15) + m;
@@ -24,7 +24,7 @@ static void deq_q4_1(const blk_q4_1 *b, float *y) {
 
 static inline uint32_t load_u32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 
-static void deq_q5_0(const blk_q5_0 *b, float *y) {
+static inline void deq_q5_0(const blk_q5_0 *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     uint32_t qh = load_u32(b->qh);
     for (int j = 0; j < 16; j++) {
@@ -35,7 +35,7 @@ static void deq_q5_0(const blk_q5_0 *b, float *y) {
     }
 }
 
-static void deq_q5_1(const blk_q5_1 *b, float *y) {
+static inline void deq_q5_1(const blk_q5_1 *b, float *y) {
     float d = eora_f16_to_f32(b->d), m = eora_f16_to_f32(b->m);
     uint32_t qh = load_u32(b->qh);
     for (int j = 0; j < 16; j++) {
@@ -46,12 +46,12 @@ static void deq_q5_1(const blk_q5_1 *b, float *y) {
     }
 }
 
-static void deq_q8_0(const blk_q8_0 *b, float *y) {
+static inline void deq_q8_0(const blk_q8_0 *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     for (int j = 0; j < 32; j++) y[j] = d * (float)b->qs[j];
 }
 
-static void deq_iq4_nl(const blk_iq4_nl *b, float *y) {
+static inline void deq_iq4_nl(const blk_iq4_nl *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     for (int j = 0; j < 16; j++) {
         y[j] = d * (float)eora_iq4_levels[b->qs[j] & 15];
@@ -59,7 +59,7 @@ static void deq_iq4_nl(const blk_iq4_nl *b, float *y) {
     }
 }
 
-static void deq_q2_k(const blk_q2_k *b, float *y) {
+static inline void deq_q2_k(const blk_q2_k *b, float *y) {
     float d = eora_f16_to_f32(b->d), dmin = eora_f16_to_f32(b->dmin);
     /* element e: byte 32*(e/128) + e%32, bits 2*((e/32)%4); group e/16 */
     for (int e = 0; e < 256; e++) {
@@ -71,7 +71,7 @@ static void deq_q2_k(const blk_q2_k *b, float *y) {
 }
 
 /* The 16 six-bit scales of Q3_K: low nibbles from bytes 0..7, high two bits from bytes 8..11. */
-static void q3_k_scales(const uint8_t *s, int out[16]) {
+static inline void q3_k_scales(const uint8_t *s, int out[16]) {
     for (int g = 0; g < 16; g++) {
         int lo = g < 8 ? s[g] & 15 : s[g - 8] >> 4;
         int hi = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
@@ -79,7 +79,7 @@ static void q3_k_scales(const uint8_t *s, int out[16]) {
     }
 }
 
-static void deq_q3_k(const blk_q3_k *b, float *y) {
+static inline void deq_q3_k(const blk_q3_k *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     int sc[16];
     q3_k_scales(b->scales, sc);
@@ -92,7 +92,7 @@ static void deq_q3_k(const blk_q3_k *b, float *y) {
 }
 
 /* The 8 six-bit scales and mins of Q4_K/Q5_K. */
-static void k_scale_min(const uint8_t *s, int sc[8], int mn[8]) {
+static inline void k_scale_min(const uint8_t *s, int sc[8], int mn[8]) {
     for (int j = 0; j < 4; j++) {
         sc[j] = s[j] & 63;
         mn[j] = s[j + 4] & 63;
@@ -101,7 +101,7 @@ static void k_scale_min(const uint8_t *s, int sc[8], int mn[8]) {
     }
 }
 
-static void deq_q4_k(const blk_q4_k *b, float *y) {
+static inline void deq_q4_k(const blk_q4_k *b, float *y) {
     float d = eora_f16_to_f32(b->d), dmin = eora_f16_to_f32(b->dmin);
     int sc[8], mn[8];
     k_scale_min(b->scales, sc, mn);
@@ -113,7 +113,7 @@ static void deq_q4_k(const blk_q4_k *b, float *y) {
     }
 }
 
-static void deq_q5_k(const blk_q5_k *b, float *y) {
+static inline void deq_q5_k(const blk_q5_k *b, float *y) {
     float d = eora_f16_to_f32(b->d), dmin = eora_f16_to_f32(b->dmin);
     int sc[8], mn[8];
     k_scale_min(b->scales, sc, mn);
@@ -125,7 +125,7 @@ static void deq_q5_k(const blk_q5_k *b, float *y) {
     }
 }
 
-static void deq_q6_k(const blk_q6_k *b, float *y) {
+static inline void deq_q6_k(const blk_q6_k *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     /* element e = 128 h + 32 k + l: low nibble of ql[64 h + l + 32 (k % 2)] (high nibble when k >= 2),
      * top two bits from qh[32 h + l] >> 2k */
@@ -138,7 +138,7 @@ static void deq_q6_k(const blk_q6_k *b, float *y) {
     }
 }
 
-static void deq_iq4_xs(const blk_iq4_xs *b, float *y) {
+static inline void deq_iq4_xs(const blk_iq4_xs *b, float *y) {
     float d = eora_f16_to_f32(b->d);
     for (int g = 0; g < 8; g++) {
         int ls = ((b->scales_l[g / 2] >> (4 * (g % 2))) & 15) | ((b->scales_h >> (2 * g)) & 3) << 4;
@@ -150,7 +150,7 @@ static void deq_iq4_xs(const blk_iq4_xs *b, float *y) {
     }
 }
 
-static void dequant_row(int type, const void *src, float *dst, int64_t n_elems) {
+static inline void dequant_row(int type, const void *src, float *dst, int64_t n_elems) {
     const uint8_t *p = src;
     switch (type) {
     case EORA_TYPE_F32: memcpy(dst, src, (size_t)n_elems * 4); return;

@@ -63,14 +63,16 @@ static inline float eora_bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* The AVX2 kernels' reduction of eight fp32 lanes (add the 128-bit halves, then movehl, then movehdup), for the
+ * portable twins that reproduce their bits. */
+static inline float eora_hsum8(const float v[8]) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
 typedef struct {
     int64_t block_elems;
     int64_t block_bytes;
 } eora_type_traits;
-
-/* The kernel table cpu.c and lora.c run: 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = portable C; the ISA flags
- * (EORA_FLAG_ISA_SCALAR, EORA_FLAG_ISA_AVX2) lower it. */
-int eora_cpu_level(unsigned flags);
 
 /* NULL for unknown types. */
 const eora_type_traits *eora_traits(int type);
@@ -113,7 +115,8 @@ typedef struct {
 } eora_kernels;
 
 /* --- Direct kernels (qdot.c, also compiled per instruction set): integer dot products that read the GGUF
- * blocks in place, against activations quantized per block of 256 (K-quants) or 32 (Q4_0, Q8_0). --- */
+ * blocks in place, against activations quantized per block of 256 (K-quants) or 32 (Q4_0, Q8_0). The scalar
+ * build has the same kernels in portable C, with the AVX2 kernels' blocks and summation order. --- */
 typedef struct {
     float *d;      /* (d_in / block) scales */
     int8_t *q;     /* (d_in) codes; 32-element chunks of each 256-block in the kernel's order */
@@ -164,5 +167,17 @@ extern const eora_lora_kernels eora_lora_kernels_avx512;
 extern const eora_kernels eora_kernels_scalar;
 extern const eora_kernels eora_kernels_avx2;
 extern const eora_kernels eora_kernels_avx512;
+
+/* --- The one ISA selection table (cpu.c): every kernel family of one instruction set. --- */
+typedef struct {
+    const char *name;                     /* "scalar", "avx2", "avx512" (eora_cpu_path) */
+    const eora_kernels *k;
+    const eora_direct_kernels *direct;
+    const eora_lora_kernels *lora;
+} eora_isa;
+
+/* The best entry this CPU runs (AVX-512 with VNNI, AVX2 + FMA + F16C, portable C), lowered by the ISA flags
+ * (EORA_FLAG_ISA_SCALAR, EORA_FLAG_ISA_AVX2). */
+const eora_isa *eora_select_isa(unsigned flags);
 
 #endif

@@ -3,17 +3,6 @@
 
 static const unsigned lora_flags = EORA_FLAG_ISA_SCALAR | EORA_FLAG_ISA_AVX2 | EORA_FLAG_ROUNDED;
 
-static const eora_lora_kernels *select_lora(unsigned flags) {
-#if defined(EORA_HAVE_X86_KERNELS)
-    int level = eora_cpu_level(flags);
-    if (level == 2) return &eora_lora_kernels_avx512;
-    if (level == 1) return &eora_lora_kernels_avx2;
-#else
-    (void)flags;
-#endif
-    return &eora_lora_kernels_scalar;
-}
-
 EORA_API size_t eora_lora_scratch(int64_t k, int64_t n_tokens) {
     if (k <= 0 || n_tokens <= 0) return 0;
     return (size_t)k * (size_t)n_tokens * sizeof(float);
@@ -62,7 +51,7 @@ EORA_API eora_status eora_lora_round_f16(const float *x, float *out, int64_t n, 
     if (!x || !out) return eora_fail(EORA_ERR_ARGUMENT, "lora_round_f16: x and out must not be NULL");
     if (n < 0) return eora_fail(EORA_ERR_SHAPE, "lora_round_f16: n=%lld is negative", (long long)n);
     if (flags & ~lora_flags) return eora_fail(EORA_ERR_ARGUMENT, "lora_round_f16: unknown flag bits 0x%x", flags);
-    select_lora(flags)->round_f16(x, out, n);
+    eora_select_isa(flags)->lora->round_f16(x, out, n);
     return EORA_OK;
 }
 
@@ -82,24 +71,33 @@ static eora_status lora_rows(const char *fn, int m_type, const void *m, size_t m
     eora_status s = check_lora(fn, m_type, m, m_bytes, rows, k, v, v_bytes, n_tokens, order, r0, r1, out, out_bytes,
                                scratch, scratch_bytes, flags);
     if (s != EORA_OK || r0 == r1) return s;
-    const eora_lora_kernels *lk = select_lora(flags);
+    const eora_lora_kernels *lk = eora_select_isa(flags)->lora;
     lk->rows(m_type, m, k, r0, r1, operand(lk, m_type, v, n_tokens * k, scratch, flags), n_tokens, order, out, rows,
              scale, add);
     return EORA_OK;
 }
 
-EORA_API eora_status eora_lora_t(int a_type, const void *a, size_t a_bytes, int64_t rank, int64_t d_in,
-                                 const float *x, size_t x_bytes, int64_t n_tokens, int order, int64_t row_begin,
-                                 int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
-                                 unsigned flags) {
-    return lora_rows("lora_t", a_type, a, a_bytes, rank, d_in, x, x_bytes, n_tokens, order, row_begin, row_end, t,
-                     t_bytes, scratch, scratch_bytes, flags, 1.0f, 0);
+/* The public calls: descriptors to the checks and kernels above (m: the adapter matrix, v: the input). */
+static eora_status lora_call(const char *fn, const eora_matrix *m, const eora_matrix *v, int order, int64_t r0,
+                             int64_t r1, float *out, size_t out_bytes, void *scratch, size_t scratch_bytes,
+                             unsigned flags, float scale, int add) {
+    if (!m || !v) return eora_fail(EORA_ERR_ARGUMENT, "%s: matrix and input descriptors must not be NULL", fn);
+    if (v->type != EORA_TYPE_F32) return eora_fail(EORA_ERR_TYPE, "%s: the input must be F32 (got type %d)", fn, v->type);
+    if (v->cols != m->cols)
+        return eora_fail(EORA_ERR_SHAPE, "%s: input has %lld columns but the matrix has %lld", fn,
+                         (long long)v->cols, (long long)m->cols);
+    return lora_rows(fn, m->type, m->data, m->bytes, m->rows, m->cols, v->data, v->bytes, v->rows, order, r0,
+                     r1, out, out_bytes, scratch, scratch_bytes, flags, scale, add);
 }
 
-EORA_API eora_status eora_lora_add(int b_type, const void *b, size_t b_bytes, int64_t d_out, int64_t rank,
-                                   const float *t, size_t t_bytes, int64_t n_tokens, float scale, int order,
+EORA_API eora_status eora_lora_t(const eora_matrix *a, const eora_matrix *x, int order, int64_t row_begin,
+                                 int64_t row_end, float *t, size_t t_bytes, void *scratch, size_t scratch_bytes,
+                                 unsigned flags) {
+    return lora_call("lora_t", a, x, order, row_begin, row_end, t, t_bytes, scratch, scratch_bytes, flags, 1.0f, 0);
+}
+
+EORA_API eora_status eora_lora_add(const eora_matrix *b, const eora_matrix *t, float scale, int order,
                                    int64_t row_begin, int64_t row_end, float *y, size_t y_bytes, void *scratch,
                                    size_t scratch_bytes, unsigned flags) {
-    return lora_rows("lora_add", b_type, b, b_bytes, d_out, rank, t, t_bytes, n_tokens, order, row_begin, row_end, y,
-                     y_bytes, scratch, scratch_bytes, flags, scale, 1);
+    return lora_call("lora_add", b, t, order, row_begin, row_end, y, y_bytes, scratch, scratch_bytes, flags, scale, 1);
 }

@@ -1,6 +1,8 @@
 /* Direct integer dot products: GGUF weight blocks (read in place, no row buffer) against activations
- * quantized to 8 bits. Compiled once per instruction set like cpu_kern.c; the scalar build provides no
- * direct kernels (cpu.c then uses the unpack path of cpu_kern.c).
+ * quantized to 8 bits. Compiled once per instruction set like cpu_kern.c. The scalar build runs portable C
+ * twins of the AVX2 kernels (the end of this file): the same activation blocks and codes, the same integer
+ * sums in the same eight lanes, the same fused multiply-adds and the same final reduction, so isa="scalar"
+ * gives the AVX2 bits and serves as their oracle (AVX-512 sums its lanes in another order).
  *
  * Activations (eora_xq, one per token) come in blocks matching the weight type:
  *  - K-quants (Q2_K..Q6_K): 256-element blocks, one fp32 scale d = max|x|/127 each, int8 codes, and the
@@ -36,6 +38,15 @@
 #endif
 #define INL static inline __attribute__((always_inline))
 
+static int K(direct_block)(int type) {
+    switch (type) {
+    case EORA_TYPE_Q2_K: case EORA_TYPE_Q3_K: case EORA_TYPE_Q4_K: case EORA_TYPE_Q5_K: case EORA_TYPE_Q6_K:
+        return 256;
+    case EORA_TYPE_Q4_0: case EORA_TYPE_Q8_0: return 32;
+    default: return 0;
+    }
+}
+
 #if defined(QD256)
 
 /* ---------------------------------------------------------------- activations */
@@ -55,15 +66,6 @@ static const uint8_t *x_perm(int type) {
     (void)type;
 #endif
     return NULL;
-}
-
-static int K(direct_block)(int type) {
-    switch (type) {
-    case EORA_TYPE_Q2_K: case EORA_TYPE_Q3_K: case EORA_TYPE_Q4_K: case EORA_TYPE_Q5_K: case EORA_TYPE_Q6_K:
-        return 256;
-    case EORA_TYPE_Q4_0: case EORA_TYPE_Q8_0: return 32;
-    default: return 0;
-    }
 }
 
 INL float hmax256(__m256 v) {
@@ -552,6 +554,149 @@ INL void dot_32_n(int type, const uint8_t *row, int64_t nb, const eora_xq *xs, c
 }
 #endif
 
+#else
+/* ---------------------------------------------------------------- portable C twins of the AVX2 kernels */
+#include "dequant_impl.h"
+
+/* _mm256_cvtps_epi32 (nearest even; NaN and overflow give INT_MIN), then the saturating packs to int8. */
+static inline int8_t round_i8(float v) {
+    if (!(v > -2147483648.0f && v < 2147483648.0f)) return -128;
+    long r = lrintf(v);
+    return (int8_t)(r < -128 ? -128 : r > 127 ? 127 : r);
+}
+
+static void K(quantize_direct)(int type, const float *x, int64_t d_in, eora_xq *o) {
+    const int bl = K(direct_block)(type);
+    for (int64_t b = 0; b < d_in / bl; b++) {
+        const float *xb = x + b * bl;
+        float amax = 0;
+        for (int i = 0; i < bl; i++) amax = amax > fabsf(xb[i]) ? amax : fabsf(xb[i]);
+        float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+        int8_t *q = o->q + b * bl;
+        int sum[16] = {0};
+        for (int i = 0; i < bl; i++) sum[i / 16] += q[i] = round_i8(xb[i] * id);
+        o->d[b] = d;
+        if (bl == 256)
+            for (int g = 0; g < 16; g++) o->bs[16 * b + g] = (int16_t)sum[g];
+        else
+            o->bs[b] = (int16_t)(sum[0] + sum[1]);
+    }
+}
+
+/* One K-quant block: 256 unsigned codes in natural order, per 16-group the integer scale s and offset
+ * multiplier m (w = d s c - dmin m), as the AVX2 decoder holds them. */
+typedef struct {
+    uint8_t c[256];
+    int s[16], m[16];
+    float d, dmin;
+} kblock;
+
+static inline void dec_k(int type, const uint8_t *p, kblock *o) {
+    switch (type) {
+    case EORA_TYPE_Q2_K: {
+        const blk_q2_k *b = (const blk_q2_k *)p;
+        for (int e = 0; e < 256; e++) o->c[e] = (b->qs[32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3;
+        for (int g = 0; g < 16; g++) { o->s[g] = b->scales[g] & 15; o->m[g] = b->scales[g] >> 4; }
+        o->d = eora_f16_to_f32(b->d);
+        o->dmin = eora_f16_to_f32(b->dmin);
+        break;
+    }
+    case EORA_TYPE_Q3_K: {
+        const blk_q3_k *b = (const blk_q3_k *)p;
+        for (int e = 0; e < 256; e++)
+            o->c[e] = (uint8_t)(((b->qs[32 * (e / 128) + e % 32] >> (2 * ((e / 32) % 4))) & 3) |
+                                ((b->hmask[e % 32] >> (e / 32)) & 1) << 2);
+        q3_k_scales(b->scales, o->s);
+        for (int g = 0; g < 16; g++) o->m[g] = 4 * o->s[g];
+        o->d = o->dmin = eora_f16_to_f32(b->d);
+        break;
+    }
+    case EORA_TYPE_Q4_K: case EORA_TYPE_Q5_K: {
+        const blk_q4_k *b4 = (const blk_q4_k *)p;
+        const blk_q5_k *b5 = (const blk_q5_k *)p;
+        const int is5 = type == EORA_TYPE_Q5_K;
+        const uint8_t *qs = is5 ? b5->qs : b4->qs;
+        int sc[8], mn[8];
+        k_scale_min(is5 ? b5->scales : b4->scales, sc, mn);
+        for (int e = 0; e < 256; e++) {
+            int c = (qs[32 * (e / 64) + e % 32] >> (4 * ((e / 32) % 2))) & 15;
+            o->c[e] = (uint8_t)(is5 ? c | ((b5->qh[e % 32] >> (e / 32)) & 1) << 4 : c);
+        }
+        for (int g = 0; g < 16; g++) { o->s[g] = sc[g / 2]; o->m[g] = mn[g / 2]; }
+        o->d = eora_f16_to_f32(b4->d);  /* same offsets in both */
+        o->dmin = eora_f16_to_f32(b4->dmin);
+        break;
+    }
+    default: {  /* Q6_K */
+        const blk_q6_k *b = (const blk_q6_k *)p;
+        for (int e = 0; e < 256; e++) {
+            int h = e / 128, k = (e / 32) % 4, l = e % 32;
+            o->c[e] = (uint8_t)(((b->ql[64 * h + l + 32 * (k % 2)] >> (4 * (k / 2))) & 15) |
+                                ((b->qh[32 * h + l] >> (2 * k)) & 3) << 4);
+        }
+        for (int g = 0; g < 16; g++) { o->s[g] = b->scales[g]; o->m[g] = 32 * b->scales[g]; }
+        o->d = o->dmin = eora_f16_to_f32(b->d);
+        break;
+    }
+    }
+}
+
+/* Lane j of a 32-element chunk holds elements 4j..4j+3 (pmaddubsw + pmaddwd); lanes 0-3 take the chunk's
+ * first 16-group scale, lanes 4-7 its second; per block, fma(lane sum, d dx) into fp32 lanes. */
+INL void dot_k_n(int type, const uint8_t *row, size_t bb, int64_t nb, const eora_xq *xs, const int nt, float *out) {
+    float accf[4][8] = {{0}}, accm[4][8] = {{0}};
+    kblock k;
+    for (int64_t b = 0; b < nb; b++) {
+        dec_k(type, row + b * bb, &k);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = xs[t].q + 256 * b;
+            const int16_t *bs = xs[t].bs + 16 * b;
+            const float dx = xs[t].d[b];
+            int32_t acc[8] = {0};
+            for (int c = 0; c < 8; c++)
+                for (int j = 0; j < 8; j++) {
+                    int sum = 0;
+                    for (int i = 32 * c + 4 * j; i < 32 * c + 4 * j + 4; i++) sum += k.c[i] * q[i];
+                    acc[j] += sum * k.s[2 * c + j / 4];
+                }
+            for (int j = 0; j < 8; j++) {
+                accf[t][j] = fmaf((float)acc[j], k.d * dx, accf[t][j]);
+                accm[t][j] = fmaf((float)(k.m[2 * j] * bs[2 * j] + k.m[2 * j + 1] * bs[2 * j + 1]), k.dmin * dx,
+                                  accm[t][j]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        float v[8];
+        for (int j = 0; j < 8; j++) v[j] = accf[t][j] - accm[t][j];
+        out[t] = eora_hsum8(v);
+    }
+}
+
+/* Q4_0 (codes 0..15, lane 0 started from -8 * the code sum of x) and Q8_0 (signed codes). */
+INL void dot_32_n(int type, const uint8_t *row, int64_t nb, const eora_xq *xs, const int nt, float *out) {
+    const int is8 = type == EORA_TYPE_Q8_0;
+    const size_t bb = is8 ? sizeof(blk_q8_0) : sizeof(blk_q4_0);
+    float acc[4][8] = {{0}};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = row + b * bb;
+        int c[32];
+        for (int j = 0; j < 32; j++)
+            c[j] = is8 ? ((const blk_q8_0 *)p)->qs[j] : (((const blk_q4_0 *)p)->qs[j % 16] >> (4 * (j / 16))) & 15;
+        const float d = eora_f16_to_f32(((const blk_q4_0 *)p)->d);
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = xs[t].q + 32 * b;
+            for (int j = 0; j < 8; j++) {
+                int s = j == 0 && !is8 ? -8 * xs[t].bs[b] : 0;
+                for (int i = 4 * j; i < 4 * j + 4; i++) s += c[i] * q[i];
+                acc[t][j] = fmaf((float)s, d * xs[t].d[b], acc[t][j]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = eora_hsum8(acc[t]);
+}
+#endif
+
 /* ---------------------------------------------------------------- dispatch: one specialization per type
  * and token count, so the block decoder and the token loop are fully inlined and unrolled. */
 #define KQ(T, bb)                                                                                           \
@@ -610,7 +755,3 @@ const eora_direct_kernels K(eora_direct) = {
     .kernel = K(direct_kernel),
 };
 
-#else  /* no SIMD: no direct kernels */
-static int K(direct_block)(int type) { (void)type; return 0; }
-const eora_direct_kernels K(eora_direct) = {.block = K(direct_block), .quantize = NULL, .kernel = NULL};
-#endif

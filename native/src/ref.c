@@ -12,24 +12,21 @@ void eora_dequant_row_ref(int type, const void *src, float *dst, int64_t n_elems
 
 EORA_API eora_status eora_dequantize_ref(int type, const void *src, size_t src_bytes, int64_t n_elems, float *dst,
                                          size_t dst_bytes) {
-    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "dequantize: src and dst must not be NULL");
-    eora_status s = eora_check_blocks(type, n_elems, src_bytes, "dequantize: src", NULL);
+    eora_status s = eora_check_dequant("dequantize", type, src, src_bytes, n_elems, dst, dst_bytes, NULL);
     if (s != EORA_OK) return s;
-    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "dequantize: dst has %zu bytes, exactly %llu needed", dst_bytes,
-                         (unsigned long long)n_elems * 4);
     eora_dequant_row_ref(type, src, dst, n_elems);
     return EORA_OK;
 }
 
-EORA_API eora_status eora_fused_matmul_ref(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                           const float *x, size_t x_bytes, int64_t n_tokens, int a_type,
-                                           const void *a, size_t a_bytes, int b_type, const void *b, size_t b_bytes,
-                                           int64_t rank, float *y, size_t y_bytes) {
-    eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
-                         a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
-    eora_status s = eora_check_fused(&f);
+EORA_API eora_status eora_fused_matmul_ref(const eora_matrix *wm, const eora_matrix *xm, const eora_matrix *am,
+                                           const eora_matrix *bm, float *y, size_t y_bytes) {
+    eora_fused_args f;
+    eora_status s = eora_fused_args_from("fused_matmul_ref", wm, xm, am, bm, y, y_bytes, &f);
     if (s != EORA_OK) return s;
+    const int w_type = f.w_type, a_type = f.a_type, b_type = f.b_type;
+    const void *w = f.w, *a = f.a, *b = f.b;
+    const float *x = f.x;
+    const int64_t d_out = f.d_out, d_in = f.d_in, n_tokens = f.n_tokens, rank = f.rank;
     const eora_type_traits *wt = eora_traits(w_type);
     size_t w_row = (size_t)(d_in / wt->block_elems * wt->block_bytes);
     int64_t rmax = rank > 0 ? rank : 1;

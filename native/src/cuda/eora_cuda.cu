@@ -210,6 +210,13 @@ eora_status require_device(const char *what) {
     return EORA_OK;
 }
 
+/* The fused product's checks shared by the device and host entry points. */
+eora_status device_args(const char *fn, const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                        const eora_matrix *b, float *y, size_t y_bytes, eora_fused_args *f) {
+    eora_status s = require_device(fn);
+    return s != EORA_OK ? s : eora_fused_args_from(fn, w, x, a, b, y, y_bytes, f);
+}
+
 /* Programmatic dependent launch: compute capability 9.0 or newer, unless EORA_CUDA_PDL=0 (for comparisons). */
 bool use_pdl() {
     const char *env = getenv("EORA_CUDA_PDL");
@@ -382,11 +389,7 @@ EORA_API eora_status eora_cuda_dequantize(int type, const void *src, size_t src_
     const char *fn = "cuda_dequantize";
     eora_status s = require_device(fn);
     if (s != EORA_OK) return s;
-    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
-    if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", NULL)) != EORA_OK) return s;
-    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
-                         (unsigned long long)n_elems * 4);
+    if ((s = eora_check_dequant(fn, type, src, src_bytes, n_elems, dst, dst_bytes, NULL)) != EORA_OK) return s;
     if ((uintptr_t)src % 2 || (uintptr_t)dst % 4)
         return eora_fail(EORA_ERR_ARGUMENT, "%s: src must be 2-byte and dst 4-byte aligned", fn);
     cudaStream_t st = (cudaStream_t)stream;
@@ -397,17 +400,17 @@ EORA_API eora_status eora_cuda_dequantize(int type, const void *src, size_t src_
     return EORA_OK;
 }
 
-EORA_API eora_status eora_cuda_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                            const float *x, size_t x_bytes, int64_t n_tokens, int a_type,
-                                            const void *a, size_t a_bytes, int b_type, const void *b, size_t b_bytes,
-                                            int64_t rank, float *y, size_t y_bytes, void *workspace,
+EORA_API eora_status eora_cuda_fused_matmul(const eora_matrix *wm, const eora_matrix *xm, const eora_matrix *am,
+                                            const eora_matrix *bm, float *y, size_t y_bytes, void *workspace,
                                             size_t workspace_bytes, void *stream) {
     const char *fn = "cuda_fused_matmul";
-    eora_status s = require_device(fn);
+    eora_fused_args f;
+    eora_status s = device_args(fn, wm, xm, am, bm, y, y_bytes, &f);
     if (s != EORA_OK) return s;
-    eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
-                         a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
-    if ((s = eora_check_fused(&f)) != EORA_OK) return s;
+    const int w_type = f.w_type, a_type = f.a_type, b_type = f.b_type;
+    const void *w = f.w, *a = f.a, *b = f.b;
+    const float *x = f.x;
+    const int64_t d_out = f.d_out, d_in = f.d_in, n_tokens = f.n_tokens, rank = f.rank;
     if ((w_type == EORA_TYPE_F32 || w_type == EORA_TYPE_F16 || w_type == EORA_TYPE_BF16) && d_in % 32)
         return eora_fail(EORA_ERR_SHAPE, "%s: float weights need a row length that is a multiple of 32 (got %lld)", fn,
                          (long long)d_in);
@@ -495,12 +498,8 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
     const char *fn = "cuda_dequantize";
     eora_status s = require_device(fn);
     if (s != EORA_OK) return s;
-    if (!src || !dst) return eora_fail(EORA_ERR_ARGUMENT, "%s: src and dst must not be NULL", fn);
     int64_t need = 0;
-    if ((s = eora_check_blocks(type, n_elems, src_bytes, "cuda_dequantize: src", &need)) != EORA_OK) return s;
-    if ((uint64_t)n_elems != (uint64_t)dst_bytes / 4 || dst_bytes % 4)
-        return eora_fail(EORA_ERR_BUFFER, "%s: dst has %zu bytes, exactly %llu needed", fn, dst_bytes,
-                         (unsigned long long)n_elems * 4);
+    if ((s = eora_check_dequant(fn, type, src, src_bytes, n_elems, dst, dst_bytes, &need)) != EORA_OK) return s;
     DeviceBuffers d;
     EORA_CU(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), fn);
     if ((s = upload(d, 0, src, (size_t)need, fn)) != EORA_OK) return s;
@@ -512,29 +511,25 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
     return EORA_OK;
 }
 
-EORA_API eora_status eora_cuda_fused_matmul_host(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                                 const float *x, size_t x_bytes, int64_t n_tokens, int a_type,
-                                                 const void *a, size_t a_bytes, int b_type, const void *b,
-                                                 size_t b_bytes, int64_t rank, float *y, size_t y_bytes) {
+EORA_API eora_status eora_cuda_fused_matmul_host(const eora_matrix *wm, const eora_matrix *xm, const eora_matrix *am,
+                                                 const eora_matrix *bm, float *y, size_t y_bytes) {
     const char *fn = "cuda_fused_matmul";
-    eora_status s = require_device(fn);
+    eora_fused_args f;
+    eora_status s = device_args(fn, wm, xm, am, bm, y, y_bytes, &f);
     if (s != EORA_OK) return s;
-    eora_fused_args f = {w_type, w, w_bytes, d_out, d_in, x, x_bytes, n_tokens,
-                         a_type, a, a_bytes, b_type, b, b_bytes, rank, y, y_bytes};
-    if ((s = eora_check_fused(&f)) != EORA_OK) return s;
-    /* Copy what the shapes use (eora_check_fused made the buffer sizes match them exactly). */
-    size_t wn = row_bytes(w_type, d_in) * (size_t)d_out, xn = (size_t)(n_tokens * d_in) * 4, yn = (size_t)(n_tokens * d_out) * 4;
-    size_t an = rank ? row_bytes(a_type, d_in) * (size_t)rank : 0, bn = rank ? row_bytes(b_type, rank) * (size_t)d_out : 0;
+    /* eora_check_fused made every buffer exactly as long as its shape needs: copy them whole. */
     DeviceBuffers d;
     EORA_CU(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), fn);
-    if ((s = upload(d, 0, w, wn, fn)) != EORA_OK || (s = upload(d, 1, x, xn, fn)) != EORA_OK ||
-        (s = upload(d, 2, rank ? a : nullptr, an, fn)) != EORA_OK || (s = upload(d, 3, rank ? b : nullptr, bn, fn)) != EORA_OK)
+    if ((s = upload(d, 0, f.w, f.w_bytes, fn)) != EORA_OK || (s = upload(d, 1, f.x, f.x_bytes, fn)) != EORA_OK ||
+        (s = upload(d, 2, f.a, f.a_bytes, fn)) != EORA_OK || (s = upload(d, 3, f.b, f.b_bytes, fn)) != EORA_OK)
         return s;
-    EORA_CU(cudaMalloc(&d.p[4], yn), fn);
-    s = eora_cuda_fused_matmul(w_type, d.p[0], wn, d_out, d_in, (const float *)d.p[1], xn, n_tokens, a_type, d.p[2], an,
-                               b_type, d.p[3], bn, rank, (float *)d.p[4], yn, nullptr, 0, d.stream);
+    EORA_CU(cudaMalloc(&d.p[4], y_bytes), fn);
+    eora_matrix dw = *wm, dx = *xm, da = am ? *am : eora_matrix{}, db = bm ? *bm : eora_matrix{};
+    dw.data = d.p[0], dx.data = d.p[1], da.data = d.p[2], db.data = d.p[3];
+    s = eora_cuda_fused_matmul(&dw, &dx, am ? &da : nullptr, bm ? &db : nullptr, (float *)d.p[4], y_bytes, nullptr, 0,
+                               d.stream);
     if (s != EORA_OK) return s;
-    EORA_CU(cudaMemcpyAsync(y, d.p[4], yn, cudaMemcpyDeviceToHost, d.stream), fn);
+    EORA_CU(cudaMemcpyAsync(y, d.p[4], y_bytes, cudaMemcpyDeviceToHost, d.stream), fn);
     EORA_CU(cudaStreamSynchronize(d.stream), fn);
     return EORA_OK;
 }

@@ -32,22 +32,15 @@ EORA_API eora_status eora_cuda_dequantize_host(int type, const void *src, size_t
     return no_cuda("cuda_dequantize");
 }
 
-EORA_API eora_status eora_cuda_fused_matmul(int w_type, const void *w, size_t w_bytes, int64_t d_out, int64_t d_in,
-                                            const float *x, size_t x_bytes, int64_t n_tokens, int a_type,
-                                            const void *a, size_t a_bytes, int b_type, const void *b, size_t b_bytes,
-                                            int64_t rank, float *y, size_t y_bytes, void *workspace,
+EORA_API eora_status eora_cuda_fused_matmul(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                            const eora_matrix *b, float *y, size_t y_bytes, void *workspace,
                                             size_t workspace_bytes, void *stream) {
-    (void)w_type, (void)w, (void)w_bytes, (void)d_out, (void)d_in, (void)x, (void)x_bytes, (void)n_tokens;
-    (void)a_type, (void)a, (void)a_bytes, (void)b_type, (void)b, (void)b_bytes, (void)rank, (void)y, (void)y_bytes;
-    (void)workspace, (void)workspace_bytes, (void)stream;
+    (void)w, (void)x, (void)a, (void)b, (void)y, (void)y_bytes, (void)workspace, (void)workspace_bytes, (void)stream;
     return no_cuda("cuda_fused_matmul");
 }
 
-EORA_API eora_status eora_cuda_fused_matmul_host(int w_type, const void *w, size_t w_bytes, int64_t d_out,
-                                                 int64_t d_in, const float *x, size_t x_bytes, int64_t n_tokens,
-                                                 int a_type, const void *a, size_t a_bytes, int b_type, const void *b,
-                                                 size_t b_bytes, int64_t rank, float *y, size_t y_bytes) {
-    (void)w_type, (void)w, (void)w_bytes, (void)d_out, (void)d_in, (void)x, (void)x_bytes, (void)n_tokens;
-    (void)a_type, (void)a, (void)a_bytes, (void)b_type, (void)b, (void)b_bytes, (void)rank, (void)y, (void)y_bytes;
+EORA_API eora_status eora_cuda_fused_matmul_host(const eora_matrix *w, const eora_matrix *x, const eora_matrix *a,
+                                                 const eora_matrix *b, float *y, size_t y_bytes) {
+    (void)w, (void)x, (void)a, (void)b, (void)y, (void)y_bytes;
     return no_cuda("cuda_fused_matmul");
 }

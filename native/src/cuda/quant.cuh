@@ -190,45 +190,29 @@ struct QQ4_1 {
     }
 };
 
-struct QQ5_0 {
-    static constexpr int TYPE = 6, QK = 32, BYTES = sizeof(blk_q5_0), UPB = 1, G = 2, ALIGN = pow2_align(BYTES);
-    static constexpr bool HAS_OFF = false;
+/* Q5_0 (codes centred on 16) and Q5_1 (an fp16 offset: w = d q + m) share the layout of their codes. */
+template <class B, int T, bool WITH_M> struct QQ5 {
+    static constexpr int TYPE = T, QK = 32, BYTES = sizeof(B), UPB = 1, G = 2, ALIGN = pow2_align(BYTES);
+    static constexpr bool HAS_OFF = WITH_M;
     struct U { uint32_t q[4]; uint32_t qh; float scale[G], off[G]; };
     template <int A> EORA_HD static void load(const uint8_t *b, int, U &o) {
-        ld_bytes16<align_at(A, offsetof(blk_q5_0, qs))>(b + offsetof(blk_q5_0, qs), o.q);
-        const uint8_t *h = b + offsetof(blk_q5_0, qh);
+        ld_bytes16<align_at(A, offsetof(B, qs))>(b + offsetof(B, qs), o.q);
+        const uint8_t *h = b + offsetof(B, qh);
         o.qh = ld_u16(h) | ld_u16(h + 2) << 16;
-        o.scale[0] = o.scale[1] = ld_f16(b + offsetof(blk_q5_0, d));
+        o.scale[0] = o.scale[1] = ld_f16(b + offsetof(B, d));
         o.off[0] = o.off[1] = 0.0f;
+        if constexpr (WITH_M) o.off[0] = o.off[1] = -ld_f16(b + offsetof(blk_q5_1, m));
     }
     EORA_HD static int start(int, int g) { return 16 * g; }
     EORA_HD static void codes(const U &o, int g, float c[16], const float *) {
         uint32_t m[4];
         for (int i = 0; i < 4; i++)
             m[i] = ((o.q[i] >> (4 * g)) & 0x0F0F0F0Fu) | spread4((o.qh >> (16 * g + 4 * i)) & 15) << 4;
-        codes16(m, 16.0f, c);
+        codes16(m, WITH_M ? 0.0f : 16.0f, c);
     }
 };
-
-struct QQ5_1 {
-    static constexpr int TYPE = 7, QK = 32, BYTES = sizeof(blk_q5_1), UPB = 1, G = 2, ALIGN = pow2_align(BYTES);
-    static constexpr bool HAS_OFF = true;
-    struct U { uint32_t q[4]; uint32_t qh; float scale[G], off[G]; };
-    template <int A> EORA_HD static void load(const uint8_t *b, int, U &o) {
-        ld_bytes16<align_at(A, offsetof(blk_q5_1, qs))>(b + offsetof(blk_q5_1, qs), o.q);
-        const uint8_t *h = b + offsetof(blk_q5_1, qh);
-        o.qh = ld_u16(h) | ld_u16(h + 2) << 16;
-        o.scale[0] = o.scale[1] = ld_f16(b + offsetof(blk_q5_1, d));
-        o.off[0] = o.off[1] = -ld_f16(b + offsetof(blk_q5_1, m));
-    }
-    EORA_HD static int start(int, int g) { return 16 * g; }
-    EORA_HD static void codes(const U &o, int g, float c[16], const float *) {
-        uint32_t m[4];
-        for (int i = 0; i < 4; i++)
-            m[i] = ((o.q[i] >> (4 * g)) & 0x0F0F0F0Fu) | spread4((o.qh >> (16 * g + 4 * i)) & 15) << 4;
-        codes16(m, 0.0f, c);
-    }
-};
+using QQ5_0 = QQ5<blk_q5_0, 6, false>;
+using QQ5_1 = QQ5<blk_q5_1, 7, true>;
 
 struct QQ8_0 {
     static constexpr int TYPE = 8, QK = 32, BYTES = sizeof(blk_q8_0), UPB = 1, G = 2, ALIGN = pow2_align(BYTES);
