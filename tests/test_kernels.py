@@ -96,6 +96,13 @@ def test_dequantize_rejects_bad_input() -> None:
         kernels.dequantize(raw, T.IQ2_XXS, (1, 256))
 
 
+def weight_case(qtype: T, seed: int, d_out: int, d_in: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """(rng seeded by seed + the type, the weight's raw blocks, its float64 dequantization (d_out, d_in))."""
+    rng = np.random.default_rng(seed + int(qtype))
+    raw = make_weight(qtype, d_out, d_in, rng)
+    return rng, raw, gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(d_out, d_in)
+
+
 def make_weight(qtype: T, d_out: int, d_in: int, rng: np.random.Generator) -> np.ndarray:
     if qtype in PY_QUANTIZABLE:
         return gguf.quants.quantize(rng.standard_normal((d_out, d_in)).astype(np.float32), qtype)
@@ -135,10 +142,8 @@ FUSED_TYPES = QUANT_TYPES + [T.F16, T.F32]
 
 @pytest.mark.parametrize("qtype", FUSED_TYPES, ids=lambda t: t.name)
 def test_fused_matches_float64(qtype: T) -> None:
-    rng = np.random.default_rng(100 + int(qtype))
+    rng, raw, w = weight_case(qtype, 100, 48, 512)
     d_out, d_in, rank = 48, 512, 32
-    raw = make_weight(qtype, d_out, d_in, rng)
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(d_out, d_in)
     for n_tokens, a_kind, b_kind in ((1, "F16", "F16"), (5, "F32", "Q8_0"), (64, "Q8_0", "F32")):
         x, a, b, exact = adapted_case(rng, w, n_tokens, a_kind, b_kind, rank)
         base = x.astype(np.float64) @ w.T
@@ -212,10 +217,8 @@ def test_direct_kernels_exact_on_quantized_activations(qtype: T) -> None:
 
 @pytest.mark.parametrize("qtype", DIRECT_TYPES, ids=lambda t: t.name)
 def test_direct_kernels_with_adapter_same_across_threads(qtype: T) -> None:
-    rng = np.random.default_rng(400 + int(qtype))
+    rng, raw, w = weight_case(qtype, 400, 130, 512)
     d_out, d_in, rank = 130, 512, 64
-    raw = make_weight(qtype, d_out, d_in, rng)
-    w = gguf.quants.dequantize(raw, qtype).astype(np.float64).reshape(d_out, d_in)
     for n, kind in ((1, "F16"), (6, "Q8_0"), (1, "F32")):
         x, a, b, exact = adapted_case(rng, w, n, kind, kind, rank)
         one = kernels.fused_matmul(raw, qtype, (d_out, d_in), x, a, b, threads=1)

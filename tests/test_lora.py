@@ -31,6 +31,13 @@ def _ptr(ffi, arr):
     return ffi.cast("void *", ffi.from_buffer(arr)), arr.nbytes
 
 
+def _buffers(ffi, need, *arrays):
+    """(pointer, bytes) of each array, then (pointer, array) of a fresh scratch buffer of `need` bytes (at least
+    1): the caller keeps that array bound while the C call runs."""
+    scratch = np.zeros(max(need, 1), np.uint8)
+    return (*(_ptr(ffi, a) for a in arrays), (_ptr(ffi, scratch)[0], scratch))
+
+
 def lora_t(native, a_raw, x, order, rows=None, flags=0, scratch_bytes=None):
     """t (n_tokens, rank) = A x through eora_lora_t, over the given row ranges (default: all rows at once)."""
     ffi, lib = native
@@ -39,11 +46,7 @@ def lora_t(native, a_raw, x, order, rows=None, flags=0, scratch_bytes=None):
     a_type = F16 if a_raw.dtype == np.float16 else F32
     t = np.full((n, rank), np.nan, np.float32)
     need = lib.eora_lora_scratch(d_in, n) if scratch_bytes is None else scratch_bytes
-    scratch = np.zeros(max(need, 1), np.uint8)
-    ap, ab = _ptr(ffi, a_raw)
-    xp, xb = _ptr(ffi, x)
-    tp, tb = _ptr(ffi, t)
-    sp, _ = _ptr(ffi, scratch)
+    (ap, ab), (xp, xb), (tp, tb), (sp, _scratch) = _buffers(ffi, need, a_raw, x, t)
     am, xm = _native.matrix(ffi, a_type, ap, ab, rank, d_in), _native.matrix(ffi, F32, xp, xb, n, d_in)
     for r0, r1 in rows or [(0, rank)]:
         _native.check(lib.eora_lora_t(am, xm, _const(order), r0, r1, ffi.cast("float *", tp), tb, sp, need,
@@ -59,11 +62,7 @@ def lora_add(native, b_raw, t, y, scale, order, rows=None, flags=0):
     b_type = F16 if b_raw.dtype == np.float16 else F32
     out = y.copy()
     need = lib.eora_lora_scratch(rank, n)
-    scratch = np.zeros(need, np.uint8)
-    bp, bb = _ptr(ffi, b_raw)
-    tp, tb = _ptr(ffi, t)
-    op, ob = _ptr(ffi, out)
-    sp, _ = _ptr(ffi, scratch)
+    (bp, bb), (tp, tb), (op, ob), (sp, _scratch) = _buffers(ffi, need, b_raw, t, out)
     bm, tm = _native.matrix(ffi, b_type, bp, bb, d_out, rank), _native.matrix(ffi, F32, tp, tb, n, rank)
     for r0, r1 in rows or [(0, d_out)]:
         _native.check(lib.eora_lora_add(bm, tm, scale, _const(order), r0, r1, ffi.cast("float *", op), ob, sp, need,
